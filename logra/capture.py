@@ -1,0 +1,298 @@
+"""Capturing projected per-example gradients with forward hooks and tensor hooks.
+
+For a linear layer y = W x (+ b) seen on tokens t of example i, the weight gradient of example
+i's loss is G_i = Σ_t g_t x_tᵀ with g_t = ∂L_i/∂y_t. LoGra logs P_out G_i P_inᵀ
+= Σ_t (P_out g_t)(P_in x_t)ᵀ: the forward hook keeps only x̃ = P_in x (B, M, k_in), a tensor hook
+on the output keeps only g̃ = P_out g (B, M, k_out), and one batched matmul g̃ᵀ x̃ gives the
+(B, k_out, k_in) rows. No per-token outer product and no full gradient is ever formed.
+
+Layer types are supported through small adapters in a registry (`LayerAdapter` subclasses);
+adding a type is one new class. Hooks are owned by `LayerCapture` and removed by `close()`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from logra.errors import CaptureError
+
+# --------------------------------------------------------------------------------------------
+# Adapters: which modules can be logged, and their (n_in, n_out) widths.
+
+
+class LayerAdapter:
+    """One supported layer type: how to recognise it and read its widths.
+
+    A supported layer must compute y = x W' (+ b) over the last dimension of its first input,
+    with y's last dimension n_out, so that the weight gradient is Σ_t g_t x_tᵀ.
+    """
+
+    registry: ClassVar[list[type[LayerAdapter]]] = []
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        LayerAdapter.registry.append(cls)
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def widths(module: nn.Module) -> tuple[int, int, bool]:
+        """(n_in, n_out, has_bias)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def weight_grad_out_in(module: nn.Module) -> Tensor | None:
+        """The module's accumulated weight gradient as an (n_out, n_in) matrix (for references)."""
+        raise NotImplementedError
+
+
+class LinearAdapter(LayerAdapter):
+    """`torch.nn.Linear`: weight (n_out, n_in)."""
+
+    kind = "Linear"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    @staticmethod
+    def widths(module: nn.Module) -> tuple[int, int, bool]:
+        assert isinstance(module, nn.Linear)
+        return module.in_features, module.out_features, module.bias is not None
+
+    @staticmethod
+    def weight_grad_out_in(module: nn.Module) -> Tensor | None:
+        return module.weight.grad
+
+
+class HFConv1DAdapter(LayerAdapter):
+    """Hugging Face `Conv1D` (GPT-2 and kin): weight (n_in, n_out), y = x W + b.
+
+    Recognised by class name and attributes so that the core does not import transformers.
+    """
+
+    kind = "Conv1D"
+
+    @staticmethod
+    def matches(module: nn.Module) -> bool:
+        cls = type(module)
+        return (
+            cls.__name__ == "Conv1D"
+            and cls.__module__.startswith("transformers")
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() == 2
+        )
+
+    @staticmethod
+    def widths(module: nn.Module) -> tuple[int, int, bool]:
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out), getattr(module, "bias", None) is not None
+
+    @staticmethod
+    def weight_grad_out_in(module: nn.Module) -> Tensor | None:
+        grad = module.weight.grad
+        return None if grad is None else grad.T
+
+
+def adapter_for(module: nn.Module) -> type[LayerAdapter] | None:
+    for adapter in LayerAdapter.registry:
+        if adapter.matches(module):
+            return adapter
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Layer selection and the layer table.
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One logged layer: its widths, projection sizes and its columns in a store row."""
+
+    name: str
+    kind: str
+    n_in: int  # input width, plus one when the bias column is logged
+    n_out: int
+    k_in: int
+    k_out: int
+    bias: bool  # whether the last input column is the bias' constant 1
+    offset: int  # first column of this layer in a row
+
+    @property
+    def size(self) -> int:
+        return self.k_out * self.k_in
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": self.kind, "n_in": self.n_in, "n_out": self.n_out,
+            "k_in": self.k_in, "k_out": self.k_out, "bias": self.bias, "offset": self.offset,
+        }  # fmt: skip
+
+
+def select_layers(
+    model: nn.Module,
+    patterns: tuple[str, ...] | None,
+    exclude: tuple[str, ...] = (),
+) -> list[tuple[str, nn.Module, type[LayerAdapter]]]:
+    """The supported modules whose qualified names match a pattern, in `named_modules` order.
+
+    Raises CaptureError for a pattern that matches no supported layer, naming what it did match.
+    """
+    supported: list[tuple[str, nn.Module, type[LayerAdapter]]] = []
+    unsupported: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        adapter = adapter_for(module)
+        if adapter is not None:
+            supported.append((name, module, adapter))
+        elif any(True for _ in module.parameters(recurse=False)):
+            unsupported[name] = type(module).__name__
+    kinds = ", ".join(a.kind for a in LayerAdapter.registry)
+    if patterns is None:
+        chosen = supported
+    else:
+        chosen = []
+        for pattern in patterns:
+            hits = [s for s in supported if fnmatch.fnmatchcase(s[0], pattern)]
+            if not hits:
+                bad = [f"{n} ({t})" for n, t in unsupported.items() if fnmatch.fnmatchcase(n, pattern)]
+                if bad:
+                    raise CaptureError(
+                        f"module pattern {pattern!r} matches only layers logra cannot log: {', '.join(bad[:5])}. "
+                        f"Supported types are {kinds}; drop the pattern or register a LayerAdapter for the type."
+                    )
+                names = [s[0] for s in supported]
+                raise CaptureError(
+                    f"module pattern {pattern!r} matches no supported layer. Supported layers in this model "
+                    f"({len(names)}): {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}."
+                )
+            chosen.extend(hits)
+        seen: set[str] = set()
+        chosen = [s for s in supported if s[0] in {c[0] for c in chosen} and not (s[0] in seen or seen.add(s[0]))]
+    chosen = [s for s in chosen if not any(fnmatch.fnmatchcase(s[0], p) for p in exclude)]
+    if not chosen:
+        raise CaptureError(
+            f"no layer to log in {type(model).__name__}: it has {len(supported)} supported layers ({kinds}) "
+            f"and patterns={patterns!r}, exclude={exclude!r} leave none. Adjust LoGraConfig.modules/exclude."
+        )
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks.
+
+
+@dataclass
+class _Call:
+    """One forward call of a layer inside a record block: projected inputs and, later, outputs."""
+
+    x: Tensor  # (B, M, k_in), masked
+    mask: Tensor | None  # (B, M) or None
+    g: Tensor | None = None  # (B, M, k_out), masked, filled by the tensor hook
+
+
+class LayerCapture:
+    """Owns the hooks of one layer and the projected tensors of the current batch.
+
+    `batch()` returns the callable the logger checks: the capture is active only while the
+    logger's record block is open (`active` is a zero-arg callable giving the batch context).
+    """
+
+    def __init__(
+        self,
+        info: LayerInfo,
+        module: nn.Module,
+        p_in: Tensor,
+        p_out: Tensor,
+        active: Callable[[], Any],
+    ) -> None:
+        self.info = info
+        self.module = module
+        self._p_in64 = p_in  # (k_in, n_in) float64 CPU, the bias column last when info.bias
+        self._p_out64 = p_out  # (k_out, n_out)
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._active = active
+        self.calls: list[_Call] = []
+        self._handle: RemovableHandle | None = module.register_forward_hook(self._forward_hook)
+
+    def projections(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = (self._p_in64.to(device, dtype), self._p_out64.to(device, dtype))
+        return self._cache[key]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.calls.clear()
+        self._cache.clear()
+
+    # The forward hook keeps x̃ and puts a hook on the output for g̃.
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        batch = self._active()
+        if batch is None or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, Tensor) or not inputs or not isinstance(inputs[0], Tensor):
+            raise CaptureError(f"layer {self.info.name!r} did not map a tensor to a tensor; it cannot be logged.")
+        x = inputs[0]
+        B = batch.size
+        if x.dim() < 2 or x.shape[0] != B:
+            raise CaptureError(
+                f"layer {self.info.name!r} saw an input of shape {tuple(x.shape)} but record() was given {B} ids; "
+                "the first dimension of every logged layer's input must be the batch."
+            )
+        x3 = x.reshape(B, -1, x.shape[-1])  # (B, M, n_w)
+        p_in, p_out = self.projections(x.device, _compute_dtype(x.dtype))
+        mask = batch.mask_for(x3.shape[1], self.info.name, x.device, p_in.dtype)
+        xc = x3.detach().to(p_in.dtype)
+        if self.info.bias:
+            xt = xc @ p_in[:, :-1].T + p_in[:, -1]  # (B, M, k_in): the bias input is a constant 1
+        else:
+            xt = xc @ p_in.T
+        if mask is not None:
+            xt = xt * mask.unsqueeze(-1)
+        call = _Call(xt, mask)
+        self.calls.append(call)
+        if not output.requires_grad:
+            output.requires_grad_(True)  # frozen model: let the gradient reach this layer's output
+
+        def grad_hook(grad: Tensor) -> None:
+            g = grad.detach().reshape(B, -1, grad.shape[-1]).to(p_out.dtype) @ p_out.T  # (B, M, k_out)
+            if call.mask is not None:
+                g = g * call.mask.unsqueeze(-1)
+            call.g = g if call.g is None else call.g + g
+
+        output.register_hook(grad_hook)
+
+    def take(self) -> list[_Call]:
+        """The calls of the finished batch (then forgotten)."""
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Projections run in the model dtype, but half types are upcast to float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def per_example_gradients(calls: list[_Call], B: int, k_out: int, k_in: int) -> Tensor | None:
+    """Σ over calls of g̃ᵀ x̃: (B, k_out, k_in), or None when no gradient reached the layer."""
+    total: Tensor | None = None
+    for call in calls:
+        if call.g is None:
+            continue
+        grad = torch.bmm(call.g.transpose(1, 2), call.x)  # (B, k_out, M) @ (B, M, k_in)
+        total = grad if total is None else total + grad
+    return total

@@ -1,0 +1,314 @@
+"""`GradientLogger`: one logging pass that glues capture, statistics and the store.
+
+    with logra.GradientLogger(model, config, store="runs/train") as logger:
+        for batch in loader:
+            with logger.record(ids=batch["idx"], mask=batch["attention_mask"]):
+                per_example_loss(model, batch).sum().backward()
+
+Inside `record()` the user runs their own forward and backward. The loss to backpropagate is the
+*sum* of per-example losses (or their mean over the batch with `loss_reduction="mean"`); each
+logged row is then the projected gradient of that example's own loss. Without a store the logger
+computes rows in memory (queries): `rec = ...; with logger.record(ids) as rec: ...; rec.rows`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from logra.capture import LayerCapture, LayerInfo, per_example_gradients, select_layers
+from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit
+from logra.errors import CaptureError, ConfigError, NonFiniteGradientError
+from logra.projection import make_projection
+from logra.statistics import KroneckerStatistics
+from logra.store import ExampleId, GradientStore, StoreWriter, normalize_ids
+
+DEFAULT_SHARD_BYTES = 256 * 2**20
+
+
+@dataclass
+class Record:
+    """The result of one `record()` block, filled when the block exits.
+
+    ids: the ids whose rows were kept.  rows: (len(ids), D) projected per-example gradients in
+    the compute dtype (float32 for half-precision models), on the model's device.
+    skipped: ids dropped for NaN/Inf under `nonfinite="skip"`.
+    """
+
+    ids: list[ExampleId]
+    rows: Tensor | None = None
+    skipped: list[ExampleId] = field(default_factory=list)
+
+
+class _Batch:
+    """The open record block: its ids and mask, as the hooks see them."""
+
+    def __init__(self, ids: list[ExampleId], mask: Tensor | None) -> None:
+        self.ids = ids
+        self.size = len(ids)
+        self.mask = mask
+        self._mask_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def mask_for(self, m: int, layer: str, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        """The (B, M) mask for a layer whose input has M positions per example, or None."""
+        if self.mask is None or m == 1:
+            return None
+        if self.mask.shape[1] != m:
+            raise CaptureError(
+                f"layer {layer!r} sees {m} positions per example but the mask has shape {tuple(self.mask.shape)}; "
+                "pass a (batch, sequence) mask matching the inputs of the logged layers."
+            )
+        key = (device, dtype)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = self.mask.to(device=device, dtype=dtype)
+        return self._mask_cache[key]
+
+
+def model_fingerprint(model: nn.Module, layers: list[tuple[str, nn.Module, Any]]) -> str:
+    """A hash of the selected layers' names, shapes, dtypes and a strided sample of their weights."""
+    h = hashlib.sha256()
+    for name, module, _ in layers:
+        w = module.weight.detach()
+        h.update(f"{name}|{type(module).__name__}|{tuple(w.shape)}|{w.dtype}".encode())
+        flat = w.reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(flat[::step].to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class GradientLogger:
+    """Attach LoGra capture to `model`, optionally writing rows to a store.
+
+    Args:
+        model: any nn.Module; it is not modified (hooks are removed by `close()`).
+        config: what to log. Default: every Linear/Conv1D layer at 64x64, gaussian, seed 0.
+        store: a directory to write rows to (created or resumed), or None for in-memory rows.
+        shard_rows: rows per shard; default: as many as fit in 256 MiB. Does not change results.
+        statistics: accumulate Kronecker statistics (needed by kfac/ekfac preconditioners).
+        rank: writer rank for distributed logging (shard files are per rank).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoGraConfig | None = None,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        shard_rows: int | None = None,
+        statistics: bool = True,
+        rank: int = 0,
+    ) -> None:
+        self.model = model
+        self.config = config if config is not None else LoGraConfig()
+        if not isinstance(self.config, LoGraConfig):
+            raise ConfigError(f"config must be a LoGraConfig, got {type(config).__name__}.")
+        selected = select_layers(model, self.config.modules, self.config.exclude)
+        pca = _pca_factors(self.config) if self.config.init is ProjectionInit.PCA else {}
+        self._batch: _Batch | None = None
+        self.layers: list[LayerInfo] = []
+        self._captures: list[LayerCapture] = []
+        offset = 0
+        try:
+            for name, module, adapter in selected:
+                n_in, n_out, has_bias = adapter.widths(module)
+                bias = self.config.include_bias and has_bias
+                n_in += int(bias)
+                k_in_req, k_out_req = self.config.k_for(name)
+                k_in, k_out = min(k_in_req, n_in), min(k_out_req, n_out)
+                info = LayerInfo(name, adapter.kind, n_in, n_out, k_in, k_out, bias, offset)
+                offset += info.size
+                f_in, f_out = pca.get(name, (None, None))
+                p_in = make_projection(self.config.init, self.config.seed, name, "in", k_in, n_in, f_in)
+                p_out = make_projection(self.config.init, self.config.seed, name, "out", k_out, n_out, f_out)
+                self.layers.append(info)
+                self._captures.append(LayerCapture(info, module, p_in, p_out, lambda: self._batch))
+        except BaseException:
+            self.close()
+            raise
+        self.dim = offset
+        self.model_fingerprint = model_fingerprint(model, selected)
+        self._track_statistics = statistics
+        self._writer: StoreWriter | None = None
+        self._stats: dict[str, KroneckerStatistics] = {
+            layer.name: KroneckerStatistics.zeros(layer.k_in, layer.k_out) for layer in self.layers
+        }
+        if store is not None:
+            itemsize = self.config.dtype.itemsize
+            rows = shard_rows if shard_rows is not None else max(1, DEFAULT_SHARD_BYTES // (self.dim * itemsize))
+            try:
+                self._writer = StoreWriter(store, self.config, self.model_fingerprint, self.layers, rows, rank)
+                if self._writer.manifest.statistics is not None and statistics:
+                    self._stats = GradientStore(self._writer.root, self._writer.manifest).statistics()
+            except BaseException:
+                self.close()
+                raise
+
+    # ---------------------------------------------------------------- public surface
+
+    @property
+    def committed_ids(self) -> frozenset[ExampleId]:
+        """Ids already durable in the store: skip them when resuming. Empty without a store."""
+        return self._writer.committed_ids if self._writer is not None else frozenset()
+
+    @property
+    def store_path(self) -> Path | None:
+        return self._writer.root if self._writer is not None else None
+
+    def projection(self, name: str) -> tuple[Tensor, Tensor]:
+        """(P_in (k_in, n_in), P_out (k_out, n_out)) of layer `name`, float64 CPU copies."""
+        for capture in self._captures:
+            if capture.info.name == name:
+                return capture.projections(torch.device("cpu"), torch.float64)
+        raise ConfigError(f"layer {name!r} is not logged; logged layers are {[c.info.name for c in self._captures]}.")
+
+    def statistics(self) -> dict[str, KroneckerStatistics]:
+        """Kronecker sums over every row logged so far (copies)."""
+        return {name: s.copy() for name, s in self._stats.items()}
+
+    @contextmanager
+    def record(self, ids: Any, mask: Tensor | None = None) -> Iterator[Record]:
+        """Capture the per-example gradients of the forward and backward run inside the block.
+
+        Args:
+            ids: B example ids (ints or strs, a list or 1-D tensor), one per batch row.
+            mask: optional (B, T) mask; positions where it is 0 are excluded (padding).
+
+        Yields a `Record` whose `rows` (B, D) are set when the block exits.
+        """
+        if self._batch is not None:
+            raise CaptureError("record() blocks cannot be nested; close the open one first.")
+        if not self._captures:
+            raise CaptureError("this GradientLogger is closed; create a new one.")
+        id_list = normalize_ids(ids)
+        if not id_list:
+            raise CaptureError("record() got no ids: every batch needs at least one example.")
+        if self._writer is not None:
+            self._writer.check_new(id_list)
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != len(id_list):
+                shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise CaptureError(f"mask of shape {shape} must be a (batch={len(id_list)}, sequence) tensor.")
+        record = Record(id_list)
+        self._batch = _Batch(id_list, mask)
+        try:
+            yield record
+        except BaseException:
+            for capture in self._captures:
+                capture.take()
+            raise
+        finally:
+            self._batch = None
+        self._finish(record)
+
+    def close(self) -> None:
+        """Commit every complete batch and remove all hooks. Idempotent."""
+        for capture in self._captures:
+            capture.close()
+        self._captures = []
+        if getattr(self, "_writer", None) is not None:
+            self._writer.commit(self._stats if self._track_statistics else None)
+            self._writer = None
+
+    def __enter__(self) -> GradientLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- assembly
+
+    def _finish(self, record: Record) -> None:
+        B = len(record.ids)
+        calls = [capture.take() for capture in self._captures]
+        if not any(calls):
+            raise CaptureError(
+                "no logged layer ran a forward pass inside record(); run the model's forward inside the block."
+            )
+        if all(c.g is None for layer_calls in calls for c in layer_calls):
+            raise CaptureError(
+                "no gradient reached the logged layers inside record(); call loss.backward() inside the block "
+                "(on the sum of per-example losses)."
+            )
+        scale = float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0
+        parts = []
+        for info, layer_calls in zip(self.layers, calls):
+            for c in layer_calls:
+                if c.g is not None and scale != 1.0:
+                    c.g = c.g * scale
+            grad = per_example_gradients(layer_calls, B, info.k_out, info.k_in)
+            if grad is None:  # the layer was not on the loss' path: its gradient is zero
+                grad = torch.zeros(B, info.k_out, info.k_in, dtype=_dtype_of(calls), device=_device_of(calls))
+            parts.append(grad.reshape(B, -1))
+        rows = torch.cat([p.to(parts[0].dtype) for p in parts], dim=1)  # (B, D)
+        bad = ~torch.isfinite(rows).all(dim=1)
+        keep = ~bad
+        skipped = [i for i, b in zip(record.ids, bad.tolist()) if b]
+        if skipped and self.config.nonfinite is NonFinitePolicy.RAISE:
+            raise NonFiniteGradientError(
+                f"the gradients of examples {skipped[:10]}{' ...' if len(skipped) > 10 else ''} contain NaN or Inf; "
+                "nothing of this batch was written. Fix the loss (e.g. a log of 0), or pass "
+                "LoGraConfig(nonfinite='skip') to drop and record such examples."
+            )
+        kept_ids = [i for i, b in zip(record.ids, bad.tolist()) if not b]
+        if skipped:
+            rows = rows[keep]
+        if self._track_statistics and kept_ids:
+            for info, layer_calls in zip(self.layers, calls):
+                _accumulate(self._stats[info.name], layer_calls, keep if skipped else None, len(kept_ids))
+        record.ids, record.rows, record.skipped = kept_ids, rows, skipped
+        if self._writer is not None:
+            self._writer.append(kept_ids, rows, skipped)
+            self._writer.commit_if_full(self._stats if self._track_statistics else None)
+
+
+def _dtype_of(calls: list[list[Any]]) -> torch.dtype:
+    return next(c.x.dtype for layer_calls in calls for c in layer_calls)
+
+
+def _device_of(calls: list[list[Any]]) -> torch.device:
+    return next(c.x.device for layer_calls in calls for c in layer_calls)
+
+
+def _accumulate(stats: KroneckerStatistics, calls: list[Any], keep: Tensor | None, n_examples: int) -> None:
+    """Add one batch's tokens of one layer to its statistics (only the kept examples)."""
+    if not any(c.g is not None for c in calls):
+        return
+    for c in calls:
+        x, g, mask = c.x, c.g, c.mask
+        if g is None:
+            continue
+        if keep is not None:
+            x, g = x[keep], g[keep]
+            mask = mask[keep] if mask is not None else None
+        n_tokens = int(mask.sum().item()) if mask is not None else x.shape[0] * x.shape[1]
+        stats.add_(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), n_tokens, 0)
+    stats.n_examples += n_examples
+
+
+def _pca_factors(config: LoGraConfig) -> dict[str, tuple[Tensor, Tensor]]:
+    """Full-size (A, S) factors per layer from the store named by `config.pca_statistics`."""
+    assert config.pca_statistics is not None  # guaranteed by LoGraConfig validation
+    source = GradientStore.open(config.pca_statistics)
+    if source.config.init is not ProjectionInit.IDENTITY:
+        raise ConfigError(
+            f"pca_statistics={config.pca_statistics!r} was logged with init={source.config.init.value!r}; "
+            "PCA projections need a store logged with init='identity' and k at least the layer sizes."
+        )
+    stats = source.statistics()
+    factors = {}
+    for layer in source.layers:
+        if layer.k_in != layer.n_in or layer.k_out != layer.n_out:
+            raise ConfigError(
+                f"pca_statistics store logged layer {layer.name!r} at {layer.k_out}x{layer.k_in}, not its full size "
+                f"{layer.n_out}x{layer.n_in}; log it with k_in/k_out at least the layer widths."
+            )
+        factors[layer.name] = (stats[layer.name].input_covariance(), stats[layer.name].grad_covariance())
+    return factors
