@@ -5,8 +5,10 @@ in crash-safe memory-mapped shards, preconditioned (KFAC / EK-FAC / raw / identi
 with one matmul per chunk.
 """
 
+from logra import evaluation
 from logra.capture import LayerAdapter, LayerInfo
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit, StorageDtype
+from logra.curvature import FisherStatistics, sampled_cross_entropy, true_fisher_statistics
 from logra.errors import (
     CaptureError,
     ConfigError,
@@ -17,6 +19,8 @@ from logra.errors import (
     StoreError,
 )
 from logra.logger import GradientLogger, Record
+from logra.precondition import Preconditioner, PreconditionerKind, fit_preconditioner, load_preconditioner
+from logra.score import Normalization, Scorer, TopK
 from logra.statistics import KroneckerStatistics
 from logra.store import GradientStore
 
@@ -41,4 +45,15 @@ __all__ = [
     "StorageDtype",
     "StoreCorruptedError",
     "StoreError",
+    "FisherStatistics",
+    "Normalization",
+    "Preconditioner",
+    "PreconditionerKind",
+    "Scorer",
+    "TopK",
+    "evaluation",
+    "fit_preconditioner",
+    "load_preconditioner",
+    "sampled_cross_entropy",
+    "true_fisher_statistics",
 ]

@@ -262,7 +262,7 @@ class LayerCapture:
         else:
             xt = xc @ p_in.T
         if mask is not None:
-            xt = xt * mask.unsqueeze(-1)
+            xt = _apply_mask(xt, mask)
         call = _Call(xt, mask)
         self.calls.append(call)
         if not output.requires_grad:
@@ -271,7 +271,7 @@ class LayerCapture:
         def grad_hook(grad: Tensor) -> None:
             g = grad.detach().reshape(B, -1, grad.shape[-1]).to(p_out.dtype) @ p_out.T  # (B, M, k_out)
             if call.mask is not None:
-                g = g * call.mask.unsqueeze(-1)
+                g = _apply_mask(g, call.mask)
             call.g = g if call.g is None else call.g + g
 
         output.register_hook(grad_hook)
@@ -280,6 +280,16 @@ class LayerCapture:
         """The calls of the finished batch (then forgotten)."""
         calls, self.calls = self.calls, []
         return calls
+
+
+def _apply_mask(t: Tensor, mask: Tensor) -> Tensor:
+    """t (B, M, k) weighted by mask (B, M); masked positions become exactly 0 even where t is NaN/Inf.
+
+    Padding may hold non-finite activations or gradients (e.g. a fully masked softmax row); they
+    must not leak into the rows through NaN * 0 = NaN.
+    """
+    m = mask.unsqueeze(-1)
+    return torch.where(m != 0, t * m, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

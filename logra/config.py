@@ -123,6 +123,10 @@ class LoGraConfig:
             _check_positive_int(f"LoGraConfig.{name}", getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"LoGraConfig.seed={self.seed!r} must be an int.")
+        if not isinstance(self.include_bias, bool):
+            raise ConfigError(f"LoGraConfig.include_bias={self.include_bias!r} must be True or False.")
+        if self.pca_statistics is not None and not isinstance(self.pca_statistics, str):
+            raise ConfigError(f"LoGraConfig.pca_statistics={self.pca_statistics!r} must be a store path (str) or None.")
         if self.modules is not None:
             if isinstance(self.modules, str):
                 object.__setattr__(self, "modules", (self.modules,))
@@ -176,10 +180,9 @@ class LoGraConfig:
         if unknown:
             raise ConfigError(f"unknown LoGraConfig fields {unknown}; known fields are {sorted(known)}.")
         kwargs = dict(data)
-        if kwargs.get("modules") is not None:
-            kwargs["modules"] = tuple(kwargs["modules"])
-        if "exclude" in kwargs:
-            kwargs["exclude"] = tuple(kwargs["exclude"])
+        for name in ("modules", "exclude"):  # JSON lists -> tuples; other types are refused by __post_init__
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
         if "layer_k" in kwargs and isinstance(kwargs["layer_k"], dict):
             kwargs["layer_k"] = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs["layer_k"].items()}
         try:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from logra.capture import LayerCapture, LayerInfo, per_example_gradients, select_layers
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit
-from logra.errors import CaptureError, ConfigError, NonFiniteGradientError
+from logra.errors import CaptureError, ConfigError, NonFiniteGradientError, StoreError
 from logra.projection import make_projection
 from logra.statistics import KroneckerStatistics
 from logra.store import ExampleId, GradientStore, StoreWriter, normalize_ids
@@ -58,8 +58,11 @@ class _Batch:
         self._mask_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def mask_for(self, m: int, layer: str, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        """The (B, M) mask for a layer whose input has M positions per example, or None."""
-        if self.mask is None or m == 1:
+        """The (B, M) mask for a layer whose input has M positions per example, or None.
+
+        A layer with plain (B, d) inputs (M == 1) under a longer mask sees whole examples: no mask.
+        """
+        if self.mask is None or (m == 1 and self.mask.shape[1] != 1):
             return None
         if self.mask.shape[1] != m:
             raise CaptureError(
@@ -77,6 +80,9 @@ def model_fingerprint(model: nn.Module, layers: list[tuple[str, nn.Module, Any]]
     h = hashlib.sha256()
     for name, module, _ in layers:
         w = module.weight.detach()
+        full_tensor = getattr(w, "full_tensor", None)
+        if callable(full_tensor):  # an FSDP2/tensor-parallel DTensor: hash the whole weight (a collective)
+            w = full_tensor()
         h.update(f"{name}|{type(module).__name__}|{tuple(w.shape)}|{w.dtype}".encode())
         flat = w.reshape(-1)
         step = max(1, flat.numel() // 4096)
@@ -94,6 +100,8 @@ class GradientLogger:
         shard_rows: rows per shard; default: as many as fit in 256 MiB. Does not change results.
         statistics: accumulate Kronecker statistics (needed by kfac/ekfac preconditioners).
         rank: writer rank for distributed logging (shard files are per rank).
+        world_size: number of logging processes; with more than one, each rank keeps its own
+            manifest until `logra.distributed.finalize_store` merges them (see `logra.distributed`).
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class GradientLogger:
         shard_rows: int | None = None,
         statistics: bool = True,
         rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.model = model
         self.config = config if config is not None else LoGraConfig()
@@ -115,6 +124,7 @@ class GradientLogger:
         self._batch: _Batch | None = None
         self.layers: list[LayerInfo] = []
         self._captures: list[LayerCapture] = []
+        self._projections: dict[str, tuple[Tensor, Tensor]] = {}  # float64 CPU; kept after close()
         offset = 0
         try:
             for name, module, adapter in selected:
@@ -129,6 +139,7 @@ class GradientLogger:
                 p_in = make_projection(self.config.init, self.config.seed, name, "in", k_in, n_in, f_in)
                 p_out = make_projection(self.config.init, self.config.seed, name, "out", k_out, n_out, f_out)
                 self.layers.append(info)
+                self._projections[name] = (p_in, p_out)
                 self._captures.append(LayerCapture(info, module, p_in, p_out, lambda: self._batch))
         except BaseException:
             self.close()
@@ -136,6 +147,7 @@ class GradientLogger:
         self.dim = offset
         self.model_fingerprint = model_fingerprint(model, selected)
         self._track_statistics = statistics
+        self._writing = False  # True while a batch updates statistics and store; stays True if that fails
         self._writer: StoreWriter | None = None
         self._stats: dict[str, KroneckerStatistics] = {
             layer.name: KroneckerStatistics.zeros(layer.k_in, layer.k_out) for layer in self.layers
@@ -144,9 +156,17 @@ class GradientLogger:
             itemsize = self.config.dtype.itemsize
             rows = shard_rows if shard_rows is not None else max(1, DEFAULT_SHARD_BYTES // (self.dim * itemsize))
             try:
-                self._writer = StoreWriter(store, self.config, self.model_fingerprint, self.layers, rows, rank)
-                if self._writer.manifest.statistics is not None and statistics:
-                    self._stats = GradientStore(self._writer.root, self._writer.manifest).statistics()
+                self._writer = StoreWriter(
+                    store, self.config, self.model_fingerprint, self.layers, rows, rank, world_size
+                )
+                manifest = self._writer.manifest
+                if (manifest.shards or manifest.skipped) and (manifest.statistics is not None) != statistics:
+                    raise StoreError(
+                        f"the store at {self._writer.root} was logged with statistics={not statistics}; resume it with "
+                        f"GradientLogger(..., statistics={not statistics}) so that its statistics cover every row."
+                    )
+                if manifest.statistics is not None and statistics:
+                    self._stats = GradientStore(self._writer.root, manifest).statistics()
             except BaseException:
                 self.close()
                 raise
@@ -163,23 +183,28 @@ class GradientLogger:
         return self._writer.root if self._writer is not None else None
 
     def projection(self, name: str) -> tuple[Tensor, Tensor]:
-        """(P_in (k_in, n_in), P_out (k_out, n_out)) of layer `name`, float64 CPU copies."""
-        for capture in self._captures:
-            if capture.info.name == name:
-                return capture.projections(torch.device("cpu"), torch.float64)
-        raise ConfigError(f"layer {name!r} is not logged; logged layers are {[c.info.name for c in self._captures]}.")
+        """(P_in (k_in, n_in), P_out (k_out, n_out)) of layer `name`, float64 CPU copies (also after close)."""
+        if name not in self._projections:
+            raise ConfigError(f"layer {name!r} is not logged; logged layers are {list(self._projections)}.")
+        p_in, p_out = self._projections[name]
+        return p_in.clone(), p_out.clone()
 
     def statistics(self) -> dict[str, KroneckerStatistics]:
         """Kronecker sums over every row logged so far (copies)."""
         return {name: s.copy() for name, s in self._stats.items()}
 
     @contextmanager
-    def record(self, ids: Any, mask: Tensor | None = None) -> Iterator[Record]:
+    def record(self, ids: Any, mask: Tensor | None = None, *, param_grads: bool = True) -> Iterator[Record]:
         """Capture the per-example gradients of the forward and backward run inside the block.
 
         Args:
             ids: B example ids (ints or strs, a list or 1-D tensor), one per batch row.
             mask: optional (B, T) mask; positions where it is 0 are excluded (padding).
+            param_grads: when False, every parameter of the model is frozen for the duration of the
+                block (flags restored on exit), so backward computes only the activation gradients
+                the hooks need and skips the weight gradients: a pure logging pass is then cheaper
+                than a plain forward+backward. Rows are the same either way. Keep True inside a
+                training loop that needs `.grad`.
 
         Yields a `Record` whose `rows` (B, D) are set when the block exits.
         """
@@ -187,6 +212,11 @@ class GradientLogger:
             raise CaptureError("record() blocks cannot be nested; close the open one first.")
         if not self._captures:
             raise CaptureError("this GradientLogger is closed; create a new one.")
+        if self._writing:
+            raise CaptureError(
+                "an earlier batch failed while its statistics and rows were being recorded, so this logger's state "
+                "is inconsistent; create a new GradientLogger (it resumes from the store's committed shards)."
+            )
         id_list = normalize_ids(ids)
         if not id_list:
             raise CaptureError("record() got no ids: every batch needs at least one example.")
@@ -196,9 +226,17 @@ class GradientLogger:
             if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != len(id_list):
                 shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
                 raise CaptureError(f"mask of shape {shape} must be a (batch={len(id_list)}, sequence) tensor.")
+            if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+                raise CaptureError(
+                    f"mask has values other than 0 and 1 (dtype {mask.dtype}); it selects tokens, it does not weight "
+                    "them. Pass a 0/1 or bool mask (e.g. the attention mask) and weight the loss instead."
+                )
         record = Record(id_list)
+        frozen = [] if param_grads else [p for p in self.model.parameters() if p.requires_grad]
         self._batch = _Batch(id_list, mask)
         try:
+            for p in frozen:
+                p.requires_grad_(False)
             yield record
         except BaseException:
             for capture in self._captures:
@@ -206,6 +244,8 @@ class GradientLogger:
             raise
         finally:
             self._batch = None
+            for p in frozen:
+                p.requires_grad_(True)
         self._finish(record)
 
     def close(self) -> None:
@@ -213,9 +253,12 @@ class GradientLogger:
         for capture in self._captures:
             capture.close()
         self._captures = []
-        if getattr(self, "_writer", None) is not None:
-            self._writer.commit(self._stats if self._track_statistics else None)
-            self._writer = None
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            try:  # after a batch failed half-way its statistics may be partly added: commit nothing then
+                writer.close(self._stats if self._track_statistics else None, commit=not self._writing)
+            finally:
+                self._writer = None
 
     def __enter__(self) -> GradientLogger:
         return self
@@ -260,6 +303,7 @@ class GradientLogger:
         kept_ids = [i for i, b in zip(record.ids, bad.tolist()) if not b]
         if skipped:
             rows = rows[keep]
+        self._writing = True  # statistics and pending rows change together, or the logger refuses to go on
         if self._track_statistics and kept_ids:
             for info, layer_calls in zip(self.layers, calls):
                 _accumulate(self._stats[info.name], layer_calls, keep if skipped else None, len(kept_ids))
@@ -267,6 +311,7 @@ class GradientLogger:
         if self._writer is not None:
             self._writer.append(kept_ids, rows, skipped)
             self._writer.commit_if_full(self._stats if self._track_statistics else None)
+        self._writing = False
 
 
 def _dtype_of(calls: list[list[Any]]) -> torch.dtype:
@@ -278,9 +323,13 @@ def _device_of(calls: list[list[Any]]) -> torch.device:
 
 
 def _accumulate(stats: KroneckerStatistics, calls: list[Any], keep: Tensor | None, n_examples: int) -> None:
-    """Add one batch's tokens of one layer to its statistics (only the kept examples)."""
-    if not any(c.g is not None for c in calls):
-        return
+    """Add one batch's tokens of one layer to its statistics (only the kept examples).
+
+    Every kept example counts in n_examples, also when no gradient reached this layer in this batch
+    (its gradient is then zero, which is part of the expectation S estimates). A forward call that
+    got no gradient adds no tokens: it is either off the loss' path or the discarded first pass of
+    activation checkpointing, whose recomputation is the call that counts.
+    """
     for c in calls:
         x, g, mask = c.x, c.g, c.mask
         if g is None:

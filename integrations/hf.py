@@ -1,0 +1,325 @@
+"""A logging pass through a user's Hugging Face `Trainer`: its model, dataset, collator and loss.
+
+    store = log_trainer(trainer, LoGraConfig(modules=["*mlp*"]), "runs/train")            # train side
+    queries = trainer_rows(trainer, config, query_dataset)                               # query side
+
+No optimizer step is taken and the model's parameters and `.grad` are left as they were: the
+model runs in eval mode (no dropout) with its parameters frozen for the pass, so backward computes
+only the activation gradients the hooks need. Each logged row is the gradient of one example's
+own loss L_i, defined as the Trainer's loss on that example *alone*:
+
+- loss="per_example" runs whole batches and computes L_i from the logits with `logra.losses`
+  (causal LM: mean token cross-entropy over the example's labels != -100; sequence
+  classification: cross-entropy / MSE / BCE as in the model's `problem_type`);
+- loss="compute_loss" calls `trainer.compute_loss` on each example alone (exact for any custom
+  loss, one forward/backward per example);
+- loss="auto" picks per_example unless the Trainer's loss is customised (an overridden
+  `compute_loss`, a `compute_loss_func` or label smoothing), then compute_loss.
+
+Ids come from the dataset (`id_column`) or are its row indices, so scores join back to rows.
+Under `torchrun` / `accelerate launch` every rank logs a contiguous share into its own shards and
+one manifest lists them all (see `logra.distributed`); the result is the same store.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from logra import distributed
+from logra.config import LoGraConfig
+from logra.errors import CaptureError, ConfigError
+from logra.logger import GradientLogger
+from logra.losses import TokenReduction, causal_lm_loss, parse_enum, sequence_classification_loss
+from logra.store import ExampleId, GradientStore, normalize_ids
+
+
+class Task(str, enum.Enum):
+    """Which per-example loss a model's logits get (see `logra.losses`)."""
+
+    CAUSAL_LM = "causal_lm"
+    SEQUENCE_CLASSIFICATION = "sequence_classification"
+
+
+class LossMode(str, enum.Enum):
+    """How per-example losses are obtained (see the module docstring)."""
+
+    AUTO = "auto"
+    PER_EXAMPLE = "per_example"
+    COMPUTE_LOSS = "compute_loss"
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """Rows logged in memory: `ids` (Q) and `rows` (Q, D) float64 on the CPU, in dataset order."""
+
+    ids: list[ExampleId]
+    rows: Tensor
+
+
+def detect_task(model: nn.Module) -> Task:
+    """The task of a Hugging Face model, from its class (as the Trainer decides label shifting)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    def names(mapping: Mapping[str, Any]) -> set[str]:
+        out: set[str] = set()
+        for v in mapping.values():
+            out.update(v if isinstance(v, (tuple, list)) else [v])
+        return out
+
+    name = type(distributed.unwrap_model(model)).__name__
+    if name in names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or name.endswith("ForCausalLM"):
+        return Task.CAUSAL_LM
+    if name in names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) or name.endswith("ForSequenceClassification"):
+        return Task.SEQUENCE_CLASSIFICATION
+    raise ConfigError(
+        f"cannot tell the task of {name}: logra knows causal LMs and sequence classifiers. Pass task='causal_lm' or "
+        "task='sequence_classification', or loss='compute_loss' to use the Trainer's own loss example by example."
+    )
+
+
+def per_example_losses(
+    model: nn.Module,
+    outputs: Any,
+    labels: Tensor,
+    task: Task | str,
+    token_reduction: TokenReduction | str = TokenReduction.MEAN,
+) -> Tensor:
+    """(B,) losses L_i from a Hugging Face model's outputs and the batch's labels (-100 ignored)."""
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    if parse_enum(Task, task, "task") is Task.CAUSAL_LM:
+        return causal_lm_loss(logits, labels, reduction=token_reduction)
+    problem_type = getattr(getattr(model, "config", None), "problem_type", None)
+    return sequence_classification_loss(logits, labels, problem_type=problem_type)
+
+
+def _loss_is_customised(trainer: Any) -> bool:
+    from transformers import Trainer
+
+    return (
+        type(trainer).compute_loss is not Trainer.compute_loss
+        or getattr(trainer, "compute_loss_func", None) is not None
+        or getattr(trainer, "label_smoother", None) is not None
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data: the Trainer's collator, the model's columns, ids from the dataset.
+
+
+def dataset_ids(dataset: Any, id_column: str | None) -> list[ExampleId]:
+    """The example ids of `dataset`: its `id_column` (ints or strs), or its row indices."""
+    if id_column is None:
+        return list(range(len(dataset)))
+    names = getattr(dataset, "column_names", None)
+    if names is not None and id_column not in names:
+        raise ConfigError(f"id_column={id_column!r} is not a column of the dataset; its columns are {names}.")
+    ids = list(dataset[id_column]) if names is not None else [dataset[i][id_column] for i in range(len(dataset))]
+    out = normalize_ids(ids)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"id_column={id_column!r} repeats ids; every example needs its own id (or pass None).")
+    return out
+
+
+def _model_columns(trainer: Any, model: nn.Module) -> set[str] | None:
+    """The feature keys the Trainer would keep (None keeps all), as its `remove_unused_columns` does."""
+    if not getattr(trainer.args, "remove_unused_columns", True):
+        return None
+    keep = set(inspect.signature(model.forward).parameters)
+    return keep | {"label", "label_ids"} | set(getattr(trainer, "label_names", None) or [])
+
+
+def _collate(trainer: Any, dataset: Any, indices: Sequence[int], columns: set[str] | None) -> dict[str, Any]:
+    from transformers import default_data_collator
+
+    features = [dataset[int(i)] for i in indices]
+    if columns is not None:
+        features = [{k: v for k, v in f.items() if k in columns} for f in features]
+    collate = trainer.data_collator if trainer.data_collator is not None else default_data_collator
+    batch = collate(features)
+    return {k: v.to(trainer.args.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block (no dropout); every module's training flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+# --------------------------------------------------------------------------------------------
+# The pass.
+
+
+@dataclass(frozen=True)
+class _Pass:
+    trainer: Any
+    dataset: Any
+    ids: list[ExampleId]
+    mode: LossMode
+    task: Task | None
+    token_reduction: TokenReduction
+    mask_key: str | None
+    batch_size: int
+
+
+def _prepare(
+    trainer: Any, dataset: Any, id_column: str | None, loss: Any, task: Any, token_reduction: Any,
+    mask_key: str | None, batch_size: int | None,
+) -> _Pass:  # fmt: skip
+    dataset = trainer.train_dataset if dataset is None else dataset
+    if dataset is None:
+        raise ConfigError("the Trainer has no train_dataset; pass dataset=... to log.")
+    mode = parse_enum(LossMode, loss, "loss")
+    if mode is LossMode.AUTO:
+        mode = LossMode.COMPUTE_LOSS if _loss_is_customised(trainer) else LossMode.PER_EXAMPLE
+    task_ = None
+    if mode is LossMode.PER_EXAMPLE:
+        task_ = detect_task(trainer.model) if task is None else parse_enum(Task, task, "task")
+    bs = batch_size if batch_size is not None else trainer.args.per_device_eval_batch_size
+    if not isinstance(bs, int) or bs < 1:
+        raise ConfigError(f"batch_size={bs!r} must be a positive int.")
+    return _Pass(trainer, dataset, dataset_ids(dataset, id_column), mode, task_,
+                 parse_enum(TokenReduction, token_reduction, "token_reduction"), mask_key, bs)  # fmt: skip
+
+
+def _plan(p: _Pass, indices: Sequence[int], n_total: int, world: int, fsdp: bool) -> list[Sequence[int]]:
+    """This rank's batches: as many on every rank (see `logra.distributed.split_batches`)."""
+    size = 1 if p.mode is LossMode.COMPUTE_LOSS else p.batch_size
+    batches = distributed.split_batches(indices, n_total, world, size)
+    expected = distributed.batches_per_rank(n_total, world, size)
+    if fsdp and world > 1 and len(batches) != expected:
+        raise ConfigError(
+            f"under FSDP every rank must run {expected} forward/backward passes, but this rank has only "
+            f"{len(indices)} examples to log; use a larger batch_size, fewer processes, or (for "
+            "loss='compute_loss') a dataset size that is a multiple of the number of processes."
+        )
+    return batches
+
+
+def _run(p: _Pass, logger: GradientLogger, batches: Sequence[Sequence[int]], sink: list[Any] | None = None) -> None:
+    """Log each batch of dataset indices through `logger`; the records go to `sink` when given."""
+    model = logger.model
+    columns = _model_columns(p.trainer, model)
+    with eval_mode(model):
+        for batch in batches:
+            inputs = _collate(p.trainer, p.dataset, batch, columns)
+            mask = inputs.get(p.mask_key) if p.mask_key is not None else None
+            with logger.record(ids=[p.ids[i] for i in batch], mask=mask, param_grads=False) as rec:
+                _batch_loss(p, model, inputs).backward()
+            if sink is not None:
+                sink.append(rec)
+
+
+def _batch_loss(p: _Pass, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+    """Σ_i L_i over the batch (a batch of one in compute_loss mode)."""
+    if p.mode is LossMode.COMPUTE_LOSS:
+        return p.trainer.compute_loss(model, inputs)
+    if "labels" not in inputs:
+        raise CaptureError(
+            f"the collated batch has no 'labels' (keys {sorted(inputs)}); use a collator that sets labels "
+            "(e.g. DataCollatorForLanguageModeling(mlm=False)) or loss='compute_loss'."
+        )
+    task = p.task if p.task is not None else detect_task(model)
+    return per_example_losses(model, model(**inputs), inputs["labels"], task, p.token_reduction).sum()
+
+
+def log_trainer(
+    trainer: Any,
+    config: LoGraConfig,
+    store: str | os.PathLike[str],
+    *,
+    dataset: Any = None,
+    id_column: str | None = None,
+    batch_size: int | None = None,
+    loss: LossMode | str = LossMode.AUTO,
+    task: Task | str | None = None,
+    token_reduction: TokenReduction | str = TokenReduction.MEAN,
+    mask_key: str | None = "attention_mask",
+    shard_rows: int | None = None,
+    statistics: bool = True,
+) -> GradientStore:
+    """Log the projected per-example gradients of `dataset` (default: the train set) into `store`.
+
+    Args:
+        trainer: a `transformers.Trainer`; its model, data collator, `args.device` and (for
+            loss='compute_loss') `compute_loss` are used. Nothing is trained.
+        config: what to log.  store: the store directory; an existing one is resumed (its ids skipped).
+        id_column: a dataset column of unique int/str ids; None uses row indices.
+        batch_size: examples per forward (default `args.per_device_eval_batch_size`); rows do not depend on it.
+        loss, task, token_reduction: how L_i is defined (module docstring).
+        mask_key: the batch key of the (B, T) padding mask kept out of the statistics, or None.
+
+    Returns the merged store, opened on every rank once all ranks have finished.
+    """
+    p = _prepare(trainer, dataset, id_column, loss, task, token_reduction, mask_key, batch_size)
+    rank, world = distributed.rank_world()
+    logger = distributed.open_logger(trainer.model, config, store, shard_rows=shard_rows, statistics=statistics)
+    try:
+        share: Sequence[int] = distributed.split_range(len(p.dataset), rank, world)
+        fsdp = _is_fsdp(logger.model)
+        if logger.committed_ids:  # resume: the batching of the rest differs, the rows do not
+            if fsdp and world > 1:
+                raise ConfigError("resuming a store under FSDP is not supported; log into a new directory.")
+            share = [i for i in share if p.ids[i] not in logger.committed_ids]
+        _run(p, logger, _plan(p, share, len(p.dataset), world, fsdp))
+    except BaseException:
+        logger.close()
+        raise
+    result = distributed.finalize_store(logger)
+    assert result is not None  # a store path was given
+    return result
+
+
+def trainer_rows(
+    trainer: Any,
+    config: LoGraConfig,
+    dataset: Any,
+    *,
+    id_column: str | None = None,
+    batch_size: int | None = None,
+    loss: LossMode | str = LossMode.AUTO,
+    task: Task | str | None = None,
+    token_reduction: TokenReduction | str = TokenReduction.MEAN,
+    mask_key: str | None = "attention_mask",
+) -> QueryRows:
+    """Rows of a (small) query `dataset` in memory, defined exactly like `log_trainer`'s.
+
+    Every rank logs the whole dataset and returns the same (Q, D) float64 rows, in dataset order.
+    """
+    p = _prepare(trainer, dataset, id_column, loss, task, token_reduction, mask_key, batch_size)
+    logger = GradientLogger(distributed.unwrap_model(trainer.model), config, None, statistics=False)
+    records: list[Any] = []
+    try:
+        distributed.check_agreement(logger)
+        all_rows = range(len(p.dataset))
+        _run(p, logger, _plan(p, all_rows, len(p.dataset), 1, _is_fsdp(logger.model)), records)
+    finally:
+        logger.close()
+    ids = [i for rec in records for i in rec.ids]
+    rows = [rec.rows.detach().to("cpu", torch.float64) for rec in records]
+    return QueryRows(ids, torch.cat(rows) if rows else torch.zeros(0, logger.dim, dtype=torch.float64))

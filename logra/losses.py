@@ -1,0 +1,139 @@
+"""Per-example losses for the usual Hugging Face heads, computed from logits with torch only.
+
+LoGra logs ∇L_i for each example's *own* loss L_i, so the loss to backpropagate inside
+`GradientLogger.record()` is Σ_i L_i. These functions give the (B,) vector of L_i for a batch,
+defined so that L_i equals what the model's built-in loss returns for example i *alone* (a batch
+of one): a causal LM's mean token cross-entropy over the example's labelled tokens, and a
+sequence classifier's cross-entropy / MSE / BCE. Labels equal to `ignore_index` (-100) are
+ignored; an example with no labelled token has loss 0 (not NaN) and a zero gradient.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from logra.errors import ConfigError
+
+IGNORE_INDEX = -100
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+class TokenReduction(str, enum.Enum):
+    """How a sequence example's token losses combine into its loss.
+
+    mean: mean over its labelled tokens (what a Hugging Face causal LM returns for a batch of one).
+    sum: their sum (every token weighs the same, whatever the example's length).
+    """
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class ProblemType(str, enum.Enum):
+    """The Hugging Face `config.problem_type` of a sequence classifier."""
+
+    REGRESSION = "regression"
+    SINGLE_LABEL = "single_label_classification"
+    MULTI_LABEL = "multi_label_classification"
+
+
+def parse_enum(kind: type[_E], value: object, name: str) -> _E:
+    """`kind(value)`, or a ConfigError naming `name`, the value and the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in kind)
+        raise ConfigError(f"{name}={value!r} is not one of {choices}.") from None
+
+
+def _loss_dtype(logits: Tensor) -> Tensor:
+    """Half-precision logits are upcast to float32 for the softmax, as Hugging Face does."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: TokenReduction | str = TokenReduction.MEAN,
+) -> Tensor:
+    """Per-example next-token cross-entropy.
+
+    Args:
+        logits: (B, T, V); position t predicts token t + 1.
+        labels: (B, T) token ids, `ignore_index` where a token is not a target (padding, prompt).
+        reduction: mean (default) or sum over each example's labelled tokens.
+
+    Returns:
+        (B,) losses, in the logits' dtype (float32 for half logits).
+    """
+    red = parse_enum(TokenReduction, reduction, "reduction")
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ConfigError(
+            f"causal_lm_loss needs logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}. Pass the model's `logits` and the batch's `labels`."
+        )
+    B, T, V = logits.shape
+    targets = labels[:, 1:].to(logits.device)  # (B, T-1)
+    token = F.cross_entropy(
+        _loss_dtype(logits[:, :-1]).reshape(-1, V), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view(B, T - 1)
+    total = token.sum(dim=1)
+    if red is TokenReduction.SUM:
+        return total
+    counts = (targets != ignore_index).sum(dim=1)
+    return total / counts.clamp(min=1).to(total.dtype)
+
+
+def infer_problem_type(num_labels: int, labels: Tensor) -> ProblemType:
+    """Hugging Face's rule: one label -> regression; integer labels -> single-label; else multi-label."""
+    if num_labels == 1:
+        return ProblemType.REGRESSION
+    if not labels.is_floating_point():
+        return ProblemType.SINGLE_LABEL
+    return ProblemType.MULTI_LABEL
+
+
+def sequence_classification_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    problem_type: ProblemType | str | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """Per-example loss of a sequence classifier.
+
+    Args:
+        logits: (B, C).
+        labels: (B,) class ids (single-label; `ignore_index` gives loss 0) or targets (regression),
+            or (B, C) float multi-hot targets (multi-label).
+        problem_type: as in the model's `config.problem_type`; None infers it like Hugging Face.
+
+    Returns:
+        (B,) losses: cross-entropy, squared error (mean over outputs) or BCE-with-logits (mean over
+        labels), each equal to the model's built-in loss on that example alone.
+    """
+    if logits.dim() != 2 or labels.shape[0] != logits.shape[0]:
+        raise ConfigError(
+            f"sequence_classification_loss needs logits (B, C) and labels with B rows; got {tuple(logits.shape)} "
+            f"and {tuple(labels.shape)}."
+        )
+    num_labels = logits.shape[1]
+    if problem_type is None:
+        kind = infer_problem_type(num_labels, labels)
+    else:
+        kind = parse_enum(ProblemType, problem_type, "problem_type")
+    logits = _loss_dtype(logits)
+    labels = labels.to(logits.device)
+    if kind is ProblemType.SINGLE_LABEL:
+        return F.cross_entropy(logits, labels.reshape(-1).long(), ignore_index=ignore_index, reduction="none")
+    target = labels.to(logits.dtype).reshape(logits.shape)
+    if kind is ProblemType.REGRESSION:
+        return ((logits - target) ** 2).mean(dim=1)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)

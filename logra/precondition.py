@@ -1,0 +1,428 @@
+"""Preconditioners: the (damped) inverse curvature H⁻¹ applied to per-layer gradient blocks.
+
+A store row is, for each layer in the layer table, a (k_out, k_in) matrix G flattened row-major.
+Every preconditioner is block diagonal over layers and maps rows [Q, D] to rows [Q, D]:
+
+- identity: H = I, a plain gradient dot product (TracIn-style).
+- kfac: H = S ⊗ A + λI with A = Σx̃x̃ᵀ/n_tokens and S = Σg̃g̃ᵀ/n_examples. With A = Q_A Λ_A Q_Aᵀ and
+  S = Q_S Λ_S Q_Sᵀ (float64 eigh), H⁻¹ vec(G) = vec(Q_S [(Q_Sᵀ G Q_A) / (λ_S λ_Aᵀ + λ)] Q_Aᵀ).
+- ekfac: the kfac eigenbasis with the eigenvalues λ_S λ_Aᵀ replaced by the mean over stored rows
+  of (Q_Sᵀ G_i Q_A)² (one chunked pass over the shards).
+- raw: H = (1/N) Σ vec(G_i) vec(G_i)ᵀ + λI, a (k_out·k_in)² matrix per layer, applied through its
+  float64 eigendecomposition.
+
+Damping λ is explicit (one value, or one per layer) or, by default, `DEFAULT_RELATIVE_DAMPING`
+(0.1, as Kronfluence does) times the layer's mean eigenvalue of the undamped curvature.
+
+Preconditioners are pure: fitting twice gives identical tensors, `apply` never edits its input or
+the preconditioner. They are saved as JSON plus an .npz read with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from logra.capture import LayerInfo
+from logra.curvature import (
+    CurvatureSource,
+    EigenbasisMoments,
+    FisherStatistics,
+    GradientCovariance,
+    accumulate_store,
+    curvature_source,
+    kronecker_eigenbases,
+)
+from logra.errors import ConfigError, StoreCorruptedError, StoreError
+from logra.statistics import KroneckerStatistics
+from logra.store import GradientStore
+
+DEFAULT_RELATIVE_DAMPING = 0.1
+FORMAT = "logra-preconditioner"
+FORMAT_VERSION = 1
+_JSON = "preconditioner.json"
+_NPZ = "factors.npz"
+
+
+class PreconditionerKind(str, enum.Enum):
+    """Which curvature approximation H to invert (see the module docstring)."""
+
+    IDENTITY = "identity"
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+    RAW = "raw"
+
+    @classmethod
+    def parse(cls, value: PreconditionerKind | str) -> PreconditionerKind:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in cls)
+            raise ConfigError(f"preconditioner kind {value!r} is not one of {choices}.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The preconditioners: one small class per kind, found through a registry.
+
+
+class Preconditioner:
+    """The damped inverse curvature of one store, block diagonal over its layers.
+
+    Attributes:
+        kind: the `PreconditionerKind`.  layers: the layer table it applies to.  dim: D.
+        damping: {layer: λ}, the absolute damping added to each layer's curvature.
+        factors: {layer: {name: float64 tensor}}, the fitted tensors (read them, do not edit them).
+        fingerprint: the projection fingerprint of the store it was fitted on.
+        fisher: "empirical" (the logged labels), "true" (sampled labels) or "custom" (given statistics).
+    """
+
+    kind: ClassVar[PreconditionerKind]
+    registry: ClassVar[dict[PreconditionerKind, type[Preconditioner]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Preconditioner.registry[cls.kind] = cls
+
+    def __init__(
+        self,
+        layers: Iterable[LayerInfo],
+        factors: Mapping[str, Mapping[str, Tensor]],
+        damping: Mapping[str, float],
+        fingerprint: str,
+        fisher: str = "empirical",
+    ) -> None:
+        self.layers = tuple(layers)
+        self.factors = {layer.name: dict(factors.get(layer.name, {})) for layer in self.layers}
+        missing = [layer.name for layer in self.layers if layer.name not in damping and self.factor_shapes(layer)]
+        if missing:
+            raise ConfigError(f"no damping given for layers {missing}; give one value per layer.")
+        self.damping = {layer.name: float(damping.get(layer.name, 0.0)) for layer in self.layers}
+        self.fingerprint = fingerprint
+        self.fisher = fisher
+        self.dim = sum(layer.size for layer in self.layers)
+        for layer in self.layers:
+            expected = self.factor_shapes(layer)
+            got = {k: tuple(v.shape) for k, v in self.factors[layer.name].items()}
+            if got != expected:
+                raise ConfigError(f"{self.kind.value} factors of layer {layer.name!r}: shapes {got}, not {expected}.")
+            eigenvalues = self.curvature_eigenvalues(self.factors[layer.name])
+            _check_invertible(self.kind, layer.name, eigenvalues, self.damping[layer.name])
+
+    # ------------------------------------------------------------ what each kind defines
+
+    @classmethod
+    def factor_shapes(cls, layer: LayerInfo) -> dict[str, tuple[int, ...]]:
+        """The names and shapes of the float64 tensors this kind keeps for `layer`."""
+        return {}
+
+    @classmethod
+    def fit_factors(
+        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
+    ) -> dict[str, dict[str, Tensor]]:
+        """{layer: factors} fitted on `store` (one pass over its rows where the kind needs one)."""
+        return {}
+
+    @staticmethod
+    def curvature_eigenvalues(factors: Mapping[str, Tensor]) -> Tensor | None:
+        """The undamped curvature's eigenvalues of one layer (any shape); None for identity."""
+        return None
+
+    def _apply_layer(self, layer: LayerInfo, block: Tensor, f: dict[str, Tensor], damping: float) -> Tensor:
+        """block (Q, k_out*k_in) -> H⁻¹ block; `f` holds the factors in block's dtype and device."""
+        return block.clone()
+
+    # ------------------------------------------------------------ shared behaviour
+
+    def apply(self, G: Tensor) -> Tensor:
+        """H⁻¹ applied to each layer block of rows G [Q, D] -> [Q, D].
+
+        Computes in G's dtype upcast to at least float32, on G's device. G is not modified.
+        """
+        if not isinstance(G, Tensor) or G.dim() != 2 or G.shape[1] != self.dim or not G.is_floating_point():
+            shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
+            raise ConfigError(
+                f"apply() needs floating rows of shape [Q, D={self.dim}], got {shape}; pass rows logged with the "
+                "same LoGraConfig as the store the preconditioner was fitted on."
+            )
+        x = G.to(torch.promote_types(G.dtype, torch.float32))
+        parts = []
+        for layer in self.layers:
+            f = {k: v.to(device=x.device, dtype=x.dtype) for k, v in self.factors[layer.name].items()}
+            block = x[:, layer.offset : layer.offset + layer.size]
+            parts.append(self._apply_layer(layer, block, f, self.damping[layer.name]))
+        return torch.cat(parts, dim=1)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Preconditioner:
+        """A new preconditioner whose factors live on `device` in `dtype` (this one is unchanged)."""
+        factors = {
+            name: {k: v.to(device=device, dtype=dtype) for k, v in f.items()} for name, f in self.factors.items()
+        }
+        return type(self)(self.layers, factors, self.damping, self.fingerprint, self.fisher)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write `preconditioner.json` and `factors.npz` into `directory` (created); returns it."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            f"{i}.{k}": v.to("cpu", torch.float64).numpy()
+            for i, layer in enumerate(self.layers)
+            for k, v in self.factors[layer.name].items()
+        }
+        tmp = root / (_NPZ + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / _NPZ)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind.value,
+            "fisher": self.fisher,
+            "projection_fingerprint": self.fingerprint,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "damping": self.damping,
+            "factors": {"file": _NPZ, "sha256": _sha256(root / _NPZ)},
+        }
+        tmp = root / (_JSON + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        os.replace(tmp, root / _JSON)
+        return root
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={len(self.layers)}, D={self.dim}, fisher={self.fisher!r})"
+
+
+class IdentityPreconditioner(Preconditioner):
+    """H = I: scores are plain dot products of the projected gradients (TracIn-style)."""
+
+    kind = PreconditionerKind.IDENTITY
+
+
+class KFACPreconditioner(Preconditioner):
+    """H = S ⊗ A + λI, inverted in the eigenbasis of the two Kronecker factors."""
+
+    kind = PreconditionerKind.KFAC
+
+    @classmethod
+    def factor_shapes(cls, layer: LayerInfo) -> dict[str, tuple[int, ...]]:
+        return {
+            "grad_eigenvectors": (layer.k_out, layer.k_out),
+            "grad_eigenvalues": (layer.k_out,),
+            "input_eigenvectors": (layer.k_in, layer.k_in),
+            "input_eigenvalues": (layer.k_in,),
+        }
+
+    @classmethod
+    def fit_factors(
+        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
+    ) -> dict[str, dict[str, Tensor]]:
+        names = ("grad_eigenvectors", "grad_eigenvalues", "input_eigenvectors", "input_eigenvalues")
+        return {name: dict(zip(names, eig)) for name, eig in kronecker_eigenbases(source.kronecker).items()}
+
+    @staticmethod
+    def curvature_eigenvalues(factors: Mapping[str, Tensor]) -> Tensor:
+        return torch.outer(factors["grad_eigenvalues"], factors["input_eigenvalues"])  # (k_out, k_in)
+
+    def _apply_layer(self, layer: LayerInfo, block: Tensor, f: dict[str, Tensor], damping: float) -> Tensor:
+        q_s, q_a = f["grad_eigenvectors"], f["input_eigenvectors"]
+        rotated = q_s.T @ block.reshape(-1, layer.k_out, layer.k_in) @ q_a  # (Q, k_out, k_in), eigenbasis
+        scaled = rotated / (self.curvature_eigenvalues(f) + damping)
+        return (q_s @ scaled @ q_a.T).reshape(block.shape)
+
+
+class EKFACPreconditioner(KFACPreconditioner):
+    """KFAC's eigenbasis with the eigenvalues refitted to the stored rows' second moments."""
+
+    kind = PreconditionerKind.EKFAC
+
+    @classmethod
+    def factor_shapes(cls, layer: LayerInfo) -> dict[str, tuple[int, ...]]:
+        return {
+            "grad_eigenvectors": (layer.k_out, layer.k_out),
+            "input_eigenvectors": (layer.k_in, layer.k_in),
+            "eigenvalues": (layer.k_out, layer.k_in),
+        }
+
+    @classmethod
+    def fit_factors(
+        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
+    ) -> dict[str, dict[str, Tensor]]:
+        bases = {name: (q_s, q_a) for name, (q_s, _, q_a, _) in kronecker_eigenbases(source.kronecker).items()}
+        moments = source.moments
+        if moments is None:
+            acc = EigenbasisMoments(store.layers, bases)
+            accumulate_store(store, acc, chunk_rows, device, progress)
+            moments = acc.result()
+        return {
+            name: {"grad_eigenvectors": q_s, "input_eigenvectors": q_a, "eigenvalues": moments[name]}
+            for name, (q_s, q_a) in bases.items()
+        }
+
+    @staticmethod
+    def curvature_eigenvalues(factors: Mapping[str, Tensor]) -> Tensor:
+        return factors["eigenvalues"]
+
+
+class RawPreconditioner(Preconditioner):
+    """H = (1/N) Σ vec(G_i)vec(G_i)ᵀ + λI per layer, applied through its float64 eigendecomposition."""
+
+    kind = PreconditionerKind.RAW
+
+    @classmethod
+    def factor_shapes(cls, layer: LayerInfo) -> dict[str, tuple[int, ...]]:
+        return {"eigenvectors": (layer.size, layer.size), "eigenvalues": (layer.size,)}
+
+    @classmethod
+    def fit_factors(
+        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
+    ) -> dict[str, dict[str, Tensor]]:
+        covariance = source.covariance
+        if covariance is None:
+            acc = GradientCovariance(store.layers)
+            accumulate_store(store, acc, chunk_rows, device, progress)
+            covariance = acc.result()
+        factors = {}
+        for name, cov in covariance.items():
+            lam, vecs = torch.linalg.eigh(cov.to(torch.float64))
+            factors[name] = {"eigenvectors": vecs, "eigenvalues": lam.clamp_min(0.0)}
+        return factors
+
+    @staticmethod
+    def curvature_eigenvalues(factors: Mapping[str, Tensor]) -> Tensor:
+        return factors["eigenvalues"]
+
+    def _apply_layer(self, layer: LayerInfo, block: Tensor, f: dict[str, Tensor], damping: float) -> Tensor:
+        vecs = f["eigenvectors"]
+        return ((block @ vecs) / (f["eigenvalues"] + damping)) @ vecs.T
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting: the curvature source, damping, and the public entry points.
+
+
+def fit_preconditioner(
+    store: GradientStore,
+    kind: PreconditionerKind | str = PreconditionerKind.KFAC,
+    damping: float | Mapping[str, float] | None = None,
+    statistics: Mapping[str, KroneckerStatistics] | FisherStatistics | None = None,
+    *,
+    chunk_rows: int = 4096,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> Preconditioner:
+    """Fit a preconditioner of `kind` on `store`.
+
+    Args:
+        store: an open `GradientStore` (holding statistics, for kfac/ekfac without `statistics`).
+        kind: identity | kfac | ekfac | raw (a `PreconditionerKind` or its value).
+        damping: λ for every layer, a {layer: λ} dict, or None for DEFAULT_RELATIVE_DAMPING (0.1)
+            times each layer's mean eigenvalue of the undamped curvature.
+        statistics: replaces the store's empirical curvature: a {layer: KroneckerStatistics} dict
+            (kfac, ekfac) or the `FisherStatistics` of `true_fisher_statistics` (the true Fisher).
+        chunk_rows: rows per chunk of the ekfac/raw pass (results agree to rounding for any value).
+        device: where the ekfac/raw pass computes (float64); default: the CPU.
+        progress: a tqdm bar for that pass (None: only on a terminal).
+    """
+    if not isinstance(store, GradientStore):
+        raise ConfigError(f"fit_preconditioner needs a GradientStore.open(path), got a {type(store).__name__}.")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ConfigError(f"chunk_rows={chunk_rows!r} must be a positive int.")
+    kind = PreconditionerKind.parse(kind)
+    cls = Preconditioner.registry[kind]
+    if kind is PreconditionerKind.IDENTITY:
+        if damping is not None or statistics is not None:
+            raise ConfigError("kind='identity' uses no curvature: pass damping=None and statistics=None.")
+        return cls(store.layers, {}, {}, store.config.projection_fingerprint())
+    source = curvature_source(store, statistics, raw=kind is PreconditionerKind.RAW)
+    factors = cls.fit_factors(store, source, chunk_rows, device, progress)
+    resolved = _resolve_damping(cls, store.layers, factors, damping)
+    return cls(store.layers, factors, resolved, store.config.projection_fingerprint(), source.fisher)
+
+
+def _resolve_damping(
+    cls: type[Preconditioner], layers: Iterable[LayerInfo], factors: Mapping[str, Mapping[str, Tensor]], damping: Any
+) -> dict[str, float]:
+    """{layer: λ}: the given value(s), or 0.1 x the layer's mean undamped eigenvalue."""
+    layers = tuple(layers)
+    if isinstance(damping, Mapping):
+        unknown = sorted(set(damping) - {layer.name for layer in layers})
+        missing = sorted({layer.name for layer in layers} - set(damping))
+        if unknown or missing:
+            raise ConfigError(
+                f"the damping dict names unknown layers {unknown} and misses layers {missing}; "
+                "give one value per logged layer."
+            )
+    resolved: dict[str, float] = {}
+    for layer in layers:
+        if damping is None:
+            eig = cls.curvature_eigenvalues(factors[layer.name])
+            mean = float(eig.mean()) if eig is not None else 0.0
+            if not mean > 0:
+                raise ConfigError(
+                    f"layer {layer.name!r} has zero curvature (every stored gradient of it is zero), so the default "
+                    "damping 0.1 x mean eigenvalue is 0. Exclude the layer from LoGraConfig.modules or pass damping>0."
+                )
+            resolved[layer.name] = DEFAULT_RELATIVE_DAMPING * mean
+        else:
+            value = damping[layer.name] if isinstance(damping, Mapping) else damping
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(
+                    f"damping={value!r} for layer {layer.name!r} must be a finite number >= 0, or None for the default."
+                )
+            resolved[layer.name] = float(value)
+    return resolved
+
+
+def _check_invertible(kind: PreconditionerKind, name: str, eig: Tensor | None, damping: float) -> None:
+    if eig is None:
+        return
+    top = float(eig.max()) if eig.numel() else 0.0
+    if float((eig + damping).min()) <= 1e-12 * max(top, damping):
+        raise ConfigError(
+            f"the {kind.value} curvature of layer {name!r} is singular (smallest eigenvalue {float(eig.min()):.3g}, "
+            f"largest {top:.3g}) and damping is {damping}; pass damping > 0, or damping=None for the default "
+            "(0.1 x the layer's mean eigenvalue)."
+        )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_preconditioner(directory: str | os.PathLike[str]) -> Preconditioner:
+    """Read a preconditioner written by `Preconditioner.save` (JSON and an .npz; no pickle)."""
+    root = Path(directory)
+    path = root / _JSON
+    if not path.is_file():
+        raise StoreError(f"{root} holds no {_JSON}; write one with fit_preconditioner(...).save({str(root)!r}).")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            found = f"{meta.get('format')!r} version {meta.get('format_version')!r}"
+            raise ValueError(f"format {found} is not {FORMAT!r} version {FORMAT_VERSION}")
+        cls = Preconditioner.registry[PreconditionerKind(meta["kind"])]
+        layers = [LayerInfo(**raw) for raw in meta["layers"]]
+        npz = root / _NPZ
+        if meta["factors"]["file"] != _NPZ or not npz.is_file() or _sha256(npz) != meta["factors"]["sha256"]:
+            raise ValueError(f"{_NPZ} is missing or does not match its checksum")
+        with np.load(npz, allow_pickle=False) as arrays:
+            factors = {
+                layer.name: {k: torch.from_numpy(np.array(arrays[f"{i}.{k}"], dtype=np.float64)) for k in shapes}
+                for i, layer in enumerate(layers)
+                for shapes in [cls.factor_shapes(layer)]
+            }
+        damping = {str(k): float(v) for k, v in meta["damping"].items()}
+        return cls(layers, factors, damping, str(meta["projection_fingerprint"]), str(meta["fisher"]))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, json.JSONDecodeError, ConfigError) as exc:
+        raise StoreCorruptedError(f"{root}: not a valid saved preconditioner ({exc}); fit and save it again.") from None

@@ -1,0 +1,254 @@
+"""Scoring: influence of every stored training example on a few query gradients.
+
+score(q, i) = g_qᵀ H⁻¹ g_i, where g are projected per-example gradients and H⁻¹ the fitted
+preconditioner. Sign and scale: a positive score means up-weighting training example i lowers
+the query's loss (i is helpful); with H the mean per-example curvature of N training examples,
+removing i raises the query's loss by about score / N.
+
+The `Scorer` preconditions the queries once (float64), then streams the store in chunks and does
+one matmul per chunk, [Q, D] @ [D, n], in the compute dtype (half stores are upcast chunk by
+chunk). Peak memory is one chunk plus the queries, whatever N; the full [Q, N] matrix can go
+to a memory-mapped .npy file. Top-k keeps a running [Q, k] per query, merged with torch.topk.
+
+Normalisations: "dot" (the score above), "cosine" (divided by sqrt(g_qᵀH⁻¹g_q · g_iᵀH⁻¹g_i),
+the cosine in the H⁻¹ metric), "relative" (RelatIF: divided by sqrt(g_iᵀH⁻¹g_i), the training
+example's self-influence norm). A training row whose self-influence is 0 (a zero gradient) gets
+score 0 under cosine and relative; so does a zero query under cosine.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from logra.errors import ConfigError, NonFiniteGradientError
+from logra.precondition import Preconditioner
+from logra.store import ExampleId, GradientStore, check_compatible
+
+
+class Normalization(str, enum.Enum):
+    """How raw scores g_qᵀH⁻¹g_i are normalised (see the module docstring)."""
+
+    DOT = "dot"
+    COSINE = "cosine"
+    RELATIVE = "relative"
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k most helpful and k most harmful training examples of each query.
+
+    helpful_ids[q]: ids by decreasing score (largest positive first); helpful_scores [Q, k].
+    harmful_ids[q]: ids by increasing score (most negative first); harmful_scores [Q, k].
+    helpful_rows / harmful_rows [Q, k]: the same examples as store row indices.
+    """
+
+    helpful_ids: list[list[ExampleId]]
+    helpful_scores: Tensor
+    harmful_ids: list[list[ExampleId]]
+    harmful_scores: Tensor
+    helpful_rows: Tensor
+    harmful_rows: Tensor
+
+
+@dataclass(frozen=True)
+class _Queries:
+    """Query rows ready for the matmul: preconditioned [Q, D] and the cosine row scale [Q] or None."""
+
+    pre: Tensor
+    scale: Tensor | None
+
+
+def _check_preconditioner(store: GradientStore, preconditioner: Preconditioner) -> None:
+    """Raise ConfigError unless `preconditioner` was fitted on a store with `store`'s projections."""
+    expected = store.config.projection_fingerprint()
+    if preconditioner.fingerprint != expected or tuple(preconditioner.layers) != tuple(store.layers):
+        raise ConfigError(
+            f"the preconditioner was fitted on a store with projection fingerprint {preconditioner.fingerprint} and "
+            f"{len(preconditioner.layers)} layers, but the store at {store.root} has {expected} and "
+            f"{len(store.layers)} layers; fit it on this store (fit_preconditioner(store, ...))."
+        )
+
+
+class Scorer:
+    """Streamed influence scores of query gradients against a training store.
+
+    Args:
+        store: the training `GradientStore`.
+        preconditioner: fitted on a store with the same projections (`fit_preconditioner`).
+        normalization: dot | cosine | relative.
+        chunk_rows: training rows per matmul; does not change results beyond rounding.
+        query_config: optional LoGraConfig or GradientLogger the queries were logged with; it is
+            checked with `logra.store.check_compatible` (projections, layer table, model).
+        check_model: for a GradientLogger or query store, also require the store's model weights.
+        compute_dtype: dtype of the matmul; default float32, or float64 for a float64 store.
+        device: where chunks are multiplied (e.g. "cuda"); default: the CPU.
+        progress: tqdm bar over chunks (None: only on a terminal).
+    """
+
+    def __init__(
+        self,
+        store: GradientStore,
+        preconditioner: Preconditioner,
+        normalization: Normalization | str = Normalization.DOT,
+        chunk_rows: int = 4096,
+        *,
+        query_config: Any = None,
+        check_model: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        if not isinstance(store, GradientStore):
+            raise ConfigError(f"Scorer needs a GradientStore (GradientStore.open(path)), got {type(store).__name__}.")
+        if not isinstance(preconditioner, Preconditioner):
+            raise ConfigError(f"Scorer needs a fit_preconditioner(...) result, got {type(preconditioner).__name__}.")
+        _check_preconditioner(store, preconditioner)
+        if query_config is not None:
+            check_compatible(store, query_config, check_model=check_model)
+        try:
+            self.normalization = Normalization(normalization)
+        except ValueError:
+            raise ConfigError(f"normalization={normalization!r} is not one of 'dot', 'cosine', 'relative'.") from None
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ConfigError(f"chunk_rows={chunk_rows!r} must be a positive int.")
+        self.store = store
+        self.preconditioner = preconditioner
+        self.chunk_rows = chunk_rows
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.compute_dtype = compute_dtype or (torch.float64 if store.dtype.value == "float64" else torch.float32)
+        if self.compute_dtype not in (torch.float32, torch.float64):
+            raise ConfigError(f"compute_dtype={self.compute_dtype} must be torch.float32 or torch.float64.")
+        self.progress = progress
+        self.check_model = check_model
+        self._chunk_pre = preconditioner.to(self.device, self.compute_dtype)
+
+    # ------------------------------------------------------------ public surface
+
+    def scores(
+        self, query_rows: Tensor | GradientStore, by_layer: bool = False, out: str | os.PathLike[str] | None = None
+    ) -> Tensor | dict[str, Tensor]:
+        """Scores [Q, N] of every query against every training row.
+
+        Args:
+            query_rows: [Q, D] projected query gradients (logged with the store's config), or a
+                query GradientStore.
+            by_layer: return {layer: [Q, N]} instead, the per-layer terms (they sum to the total;
+                under cosine/relative each is divided by the same total norms).
+            out: a path: write a float32 [Q, N] .npy memory map there and return a tensor view of it.
+        """
+        if by_layer and out is not None:
+            raise ConfigError("scores(by_layer=True) returns one matrix per layer in memory; do not pass out=.")
+        q = self._prepare(query_rows)
+        Q, N = q.pre.shape[0], len(self.store)
+        names = [layer.name for layer in self.store.layers] if by_layer else ["total"]
+        if out is not None:
+            memmap = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np.float32, shape=(Q, N))
+            results = {"total": torch.from_numpy(memmap)}
+        else:
+            results = {name: torch.empty(Q, N, dtype=self.compute_dtype) for name in names}
+        for start, chunk, col_scale in self._stream(self.normalization is not Normalization.DOT):
+            stop = start + chunk.shape[0]
+            if by_layer:
+                for layer in self.store.layers:
+                    cols = slice(layer.offset, layer.offset + layer.size)
+                    part = self._normalize(q.pre[:, cols] @ chunk[:, cols].T, q.scale, col_scale)
+                    results[layer.name][:, start:stop] = part.cpu()
+            else:
+                results["total"][:, start:stop] = self._normalize(q.pre @ chunk.T, q.scale, col_scale).cpu()
+        if out is not None:
+            memmap.flush()
+        return results if by_layer else results["total"]
+
+    def top_k(self, query_rows: Tensor | GradientStore, k: int = 10) -> TopK:
+        """The k most helpful (largest) and k most harmful (smallest) scores per query, with ids."""
+        n = len(self.store)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ConfigError(f"k={k!r} must be an int between 1 and the store's {n} rows.")
+        q = self._prepare(query_rows)
+        Q = q.pre.shape[0]
+        empty = (torch.empty(Q, 0, dtype=self.compute_dtype), torch.empty(Q, 0, dtype=torch.long))
+        best = {True: empty, False: empty}  # largest -> (values [Q, <=k], row indices [Q, <=k])
+        for start, chunk, col_scale in self._stream(self.normalization is not Normalization.DOT):
+            s = self._normalize(q.pre @ chunk.T, q.scale, col_scale).cpu()  # (Q, n)
+            rows = torch.arange(start, start + s.shape[1]).expand(Q, -1)
+            for largest, (values, index) in best.items():
+                values, index = torch.cat([values, s], dim=1), torch.cat([index, rows], dim=1)
+                top = values.topk(min(k, values.shape[1]), dim=1, largest=largest, sorted=True)
+                best[largest] = (top.values, index.gather(1, top.indices))
+        ids = self.store.ids
+        (hv, hi), (lv, li) = best[True], best[False]
+        helpful, harmful = ([[ids[j] for j in r] for r in x.tolist()] for x in (hi, li))
+        return TopK(helpful, hv, harmful, lv, hi, li)
+
+    def self_influence(self) -> Tensor:
+        """g_iᵀ H⁻¹ g_i for every training row: [N] (not normalised), in the compute dtype."""
+        out = torch.empty(len(self.store), dtype=self.compute_dtype)
+        for start, chunk in self._chunks():
+            out[start : start + chunk.shape[0]] = self._self_influence(chunk).cpu()
+        return out
+
+    # ------------------------------------------------------------ internals
+
+    def _prepare(self, query: Tensor | GradientStore) -> _Queries:
+        """Check the queries, precondition them once in float64, move them to the compute device."""
+        if isinstance(query, GradientStore):
+            check_compatible(self.store, query, check_model=self.check_model)
+            query = query.rows()
+        D = self.store.dim
+        if not isinstance(query, Tensor) or query.dim() != 2 or query.shape[1] != D or query.shape[0] < 1:
+            shape = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
+            raise ConfigError(
+                f"query rows must be a [Q >= 1, D={D}] tensor of projected gradients, got {shape}; log the queries "
+                "with the store's LoGraConfig (rows from GradientLogger(model, store.config).record(...))."
+            )
+        if not query.is_floating_point():
+            raise ConfigError(f"query rows have dtype {query.dtype}; they must be floating point gradients.")
+        q64 = query.detach().to("cpu", torch.float64)
+        if not torch.isfinite(q64).all():
+            bad = (~torch.isfinite(q64).all(dim=1)).nonzero().flatten().tolist()
+            raise NonFiniteGradientError(f"query rows {bad[:10]} contain NaN or Inf; fix the query loss or drop them.")
+        pre = self.preconditioner.apply(q64)  # (Q, D) float64
+        scale = None
+        if self.normalization is Normalization.COSINE:
+            scale = _inverse_sqrt((pre * q64).sum(dim=1)).to(self.device, self.compute_dtype)
+        return _Queries(pre.to(self.device, self.compute_dtype), scale)
+
+    def _chunks(self) -> Iterator[tuple[int, Tensor]]:
+        """(first row, chunk (n, D)) in the compute dtype on the device, with a progress bar."""
+        n = len(self.store)
+        total = -(-n // self.chunk_rows) if n else 0
+        disable = None if self.progress is None else not self.progress
+        chunks = self.store.iter_chunks(self.chunk_rows)
+        for start, chunk in tqdm(chunks, total=total, desc="logra: scoring", disable=disable):
+            yield start, chunk.to(device=self.device, dtype=self.compute_dtype)
+
+    def _stream(self, need_scale: bool) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+        """(first row, chunk, column scale [n] or None): the scale is 1/sqrt(self-influence)."""
+        for start, chunk in self._chunks():
+            yield start, chunk, _inverse_sqrt(self._self_influence(chunk)) if need_scale else None
+
+    def _self_influence(self, chunk: Tensor) -> Tensor:
+        return (self._chunk_pre.apply(chunk) * chunk).sum(dim=1)
+
+    @staticmethod
+    def _normalize(scores: Tensor, row_scale: Tensor | None, col_scale: Tensor | None) -> Tensor:
+        if col_scale is not None:
+            scores = scores * col_scale
+        if row_scale is not None:
+            scores = scores * row_scale[:, None]
+        return scores
+
+
+def _inverse_sqrt(x: Tensor) -> Tensor:
+    """1/sqrt(x) where x > 0, else 0 (a zero gradient has no direction: its normalised score is 0)."""
+    positive = x > 0
+    return torch.where(positive, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), torch.zeros_like(x))

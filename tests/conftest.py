@@ -1,0 +1,29 @@
+"""Shared pytest setup: offline Hugging Face, one torch thread, the tiny-model helpers on sys.path.
+
+The test machines have two shared cores and no internet (except PyPI). Tiny models run fastest
+on one thread, and nothing may be downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))  # `from models import ...` in every test file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    """A not-yet-existing store directory inside the test's temporary directory."""
+    return tmp_path / "store"

@@ -1,0 +1,251 @@
+"""Preconditioners against dense float64 references, purity, persistence and the true Fisher."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from _scoring_fixtures import (  # noqa: F401  (the `gpt2` and `mlp` fixtures)
+    Logged,
+    TinyMLP,
+    _mlp_data,
+    _mlp_losses,
+    dense_curvature,
+    dense_inverse,
+    gpt2_fixture,
+    log_mlp,
+    mlp_fixture,
+)
+
+import logra
+from logra.curvature import EigenbasisMoments, GradientCovariance, sampled_cross_entropy, true_fisher_statistics
+from logra.precondition import EKFACPreconditioner, fit_preconditioner, load_preconditioner
+
+KINDS = ["kfac", "ekfac", "raw"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt2"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("damping", [None, 0.05])
+def test_apply_equals_dense_inverse(
+    request: pytest.FixtureRequest, model: str, kind: str, damping: float | None
+) -> None:
+    logged: Logged = request.getfixturevalue(model)
+    pre = fit_preconditioner(logged.store, kind, damping=damping)
+    expected = logged.queries @ dense_inverse(kind, logged.store, pre.damping)  # H⁻¹ is symmetric
+    torch.testing.assert_close(pre.apply(logged.queries), expected, rtol=1e-10, atol=1e-12)
+    if damping is not None:
+        assert pre.damping == {layer.name: damping for layer in logged.store.layers}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_damping_is_a_tenth_of_the_mean_eigenvalue(mlp: Logged, kind: str) -> None:
+    pre = fit_preconditioner(mlp.store, kind)
+    for layer in mlp.store.layers:
+        mean_eigenvalue = torch.linalg.eigvalsh(dense_curvature(kind, mlp.store, layer)).mean()
+        assert pre.damping[layer.name] == pytest.approx(0.1 * float(mean_eigenvalue), rel=1e-10)
+
+
+def test_identity_is_the_plain_dot_product(mlp: Logged) -> None:
+    pre = fit_preconditioner(mlp.store, "identity")
+    out = pre.apply(mlp.queries)
+    assert torch.equal(out, mlp.queries) and out.data_ptr() != mlp.queries.data_ptr()
+    with pytest.raises(logra.ConfigError, match="identity"):
+        fit_preconditioner(mlp.store, "identity", damping=0.1)
+
+
+def test_ekfac_is_invariant_to_eigenvector_signs(mlp: Logged) -> None:
+    pre = fit_preconditioner(mlp.store, "ekfac", damping=0.01)
+    flipped = {}
+    for name, f in pre.factors.items():
+        s_out = (-1.0) ** torch.arange(f["grad_eigenvectors"].shape[1])  # flips columns 0, 2, ...
+        s_in = -((-1.0) ** torch.arange(f["input_eigenvectors"].shape[1]))  # flips columns 1, 3, ...
+        flipped[name] = (f["grad_eigenvectors"] * s_out, f["input_eigenvectors"] * s_in)
+    moments = EigenbasisMoments(mlp.store.layers, flipped)
+    moments.add(mlp.store.rows())
+    eigenvalues = moments.result()
+    factors = {
+        name: {"grad_eigenvectors": q_s, "input_eigenvectors": q_a, "eigenvalues": eigenvalues[name]}
+        for name, (q_s, q_a) in flipped.items()
+    }
+    other = EKFACPreconditioner(mlp.store.layers, factors, pre.damping, pre.fingerprint)
+    for name in factors:
+        torch.testing.assert_close(eigenvalues[name], pre.factors[name]["eigenvalues"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(other.apply(mlp.queries), pre.apply(mlp.queries), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["identity", *KINDS])
+def test_fitting_is_pure_and_apply_mutates_nothing(mlp: Logged, kind: str) -> None:
+    a, b = fit_preconditioner(mlp.store, kind), fit_preconditioner(mlp.store, kind)
+    assert a.damping == b.damping
+    for name in a.factors:
+        assert a.factors[name].keys() == b.factors[name].keys()
+        assert all(torch.equal(a.factors[name][k], b.factors[name][k]) for k in a.factors[name])
+    before = {n: {k: v.clone() for k, v in f.items()} for n, f in a.factors.items()}
+    queries = mlp.queries.clone()
+    first, second = a.apply(queries), a.apply(queries)
+    assert torch.equal(first, second) and torch.equal(queries, mlp.queries)
+    assert all(torch.equal(before[n][k], a.factors[n][k]) for n in before for k in before[n])
+
+
+@pytest.mark.parametrize("kind", ["ekfac", "raw"])
+def test_chunk_and_shard_sizes_do_not_change_the_fit(mlp: Logged, tmp_path: pytest.TempPathFactory, kind: str) -> None:
+    reference = fit_preconditioner(mlp.store, kind).apply(mlp.queries)
+    for chunk_rows in (1, 5, 1000):
+        got = fit_preconditioner(mlp.store, kind, chunk_rows=chunk_rows).apply(mlp.queries)
+        torch.testing.assert_close(got, reference, rtol=1e-11, atol=1e-13)
+    sharded = log_mlp(tmp_path / "sharded", shard_rows=3, batch=3)
+    assert len(sharded.store.manifest.shards) > 1
+    torch.testing.assert_close(
+        fit_preconditioner(sharded.store, kind).apply(mlp.queries), reference, rtol=1e-11, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("kind", ["identity", *KINDS])
+def test_save_load_round_trip(mlp: Logged, tmp_path: pytest.TempPathFactory, kind: str) -> None:
+    pre = fit_preconditioner(mlp.store, kind)
+    loaded = load_preconditioner(pre.save(tmp_path / "pre"))
+    assert (loaded.kind, loaded.layers, loaded.damping, loaded.fingerprint) == (
+        pre.kind,
+        pre.layers,
+        pre.damping,
+        pre.fingerprint,
+    )
+    for name in pre.factors:
+        assert all(torch.equal(pre.factors[name][k], loaded.factors[name][k]) for k in pre.factors[name])
+    assert torch.equal(loaded.apply(mlp.queries), pre.apply(mlp.queries))
+    with np.load(tmp_path / "pre" / "factors.npz", allow_pickle=False) as npz:
+        assert all(npz[k].dtype == np.float64 for k in npz.files)
+
+
+def test_damaged_saves_are_refused(mlp: Logged, tmp_path: pytest.TempPathFactory) -> None:
+    root = fit_preconditioner(mlp.store, "kfac").save(tmp_path / "pre")
+    with pytest.raises(logra.StoreError, match="holds no"):
+        load_preconditioner(tmp_path / "nothing")
+    npz = root / "factors.npz"
+    npz.write_bytes(npz.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(logra.StoreCorruptedError, match="checksum"):
+        load_preconditioner(root)
+    (root / "preconditioner.json").write_text("{not json")
+    with pytest.raises(logra.StoreCorruptedError):
+        load_preconditioner(root)
+    meta = json.loads(json.dumps({"format": "logra-preconditioner", "format_version": 99}))
+    (root / "preconditioner.json").write_text(json.dumps(meta))
+    with pytest.raises(logra.StoreCorruptedError, match="version"):
+        load_preconditioner(root)
+
+
+def test_bad_arguments_are_refused(mlp: Logged) -> None:
+    store, names = mlp.store, [layer.name for layer in mlp.store.layers]
+    with pytest.raises(logra.ConfigError, match="'lissa' is not one of"):
+        fit_preconditioner(store, "lissa")
+    with pytest.raises(logra.ConfigError, match="finite number"):
+        fit_preconditioner(store, "kfac", damping=-1.0)
+    with pytest.raises(logra.ConfigError, match="misses layers"):
+        fit_preconditioner(store, "kfac", damping={names[0]: 0.1})
+    with pytest.raises(logra.ConfigError, match="raw"):
+        fit_preconditioner(store, "raw", statistics=store.statistics())
+    stats = store.statistics()
+    stats[names[0]] = logra.KroneckerStatistics.zeros(2, 2)
+    with pytest.raises(logra.ConfigError, match="k_in="):
+        fit_preconditioner(store, "kfac", statistics=stats)
+    zero = {n: logra.KroneckerStatistics(s.input_sum * 0, s.grad_sum * 0, 1, 1) for n, s in store.statistics().items()}
+    with pytest.raises(logra.ConfigError, match="zero curvature"):
+        fit_preconditioner(store, "kfac", statistics=zero)
+    with pytest.raises(logra.ConfigError, match="singular"):
+        fit_preconditioner(store, "kfac", damping=0.0, statistics=zero)
+
+
+def test_raw_without_damping_on_too_few_rows_is_singular(tmp_path: pytest.TempPathFactory) -> None:
+    small = log_mlp(tmp_path / "small", n=5, batch=5)  # 5 rows, blocks of side 12: rank <= 5
+    with pytest.raises(logra.ConfigError, match="singular"):
+        fit_preconditioner(small.store, "raw", damping=0.0)
+
+
+def test_given_statistics_replace_the_store_s(mlp: Logged) -> None:
+    base = fit_preconditioner(mlp.store, "kfac", damping=0.1)
+    same = fit_preconditioner(mlp.store, "kfac", damping=0.1, statistics=mlp.store.statistics())
+    assert same.fisher == "custom" and base.fisher == "empirical"
+    torch.testing.assert_close(same.apply(mlp.queries), base.apply(mlp.queries), rtol=0, atol=0)
+    scaled = {
+        n: logra.KroneckerStatistics(s.input_sum * 4, s.grad_sum, s.n_tokens, s.n_examples)
+        for n, s in mlp.store.statistics().items()
+    }
+    other = fit_preconditioner(mlp.store, "kfac", damping=0.1, statistics=scaled)
+    assert not torch.allclose(other.apply(mlp.queries), base.apply(mlp.queries))
+
+
+# --------------------------------------------------------------------------------------------
+# The true Fisher.
+
+
+def _fisher_setup() -> tuple[TinyMLP, logra.LoGraConfig, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    config = logra.LoGraConfig(k_in=3, k_out=4, seed=1, dtype="float64")
+    x, _, mask = _mlp_data(12, seed=2)
+    return model, config, [(x[s : s + 4], mask[s : s + 4]) for s in range(0, 12, 4)]
+
+
+def test_true_fisher_uses_the_sampled_labels(tmp_path: pytest.TempPathFactory) -> None:
+    """Statistics, EK-FAC moments and covariance equal an empirical pass with the same labels."""
+    model, config, batches = _fisher_setup()
+    drawn: list[torch.Tensor] = []
+
+    def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        x, mask = batch
+        logits = m(x)
+        replay = torch.Generator().set_state(gen.get_state())
+        probs = torch.softmax(logits.detach(), -1).reshape(-1, 4)
+        drawn.append(torch.multinomial(probs, 1, generator=replay).reshape(x.shape[:2]))
+        return sampled_cross_entropy(logits, gen, mask)
+
+    options = {"seed": 7, "batch_size_fn": lambda b: b[0].shape[0], "mask_fn": lambda b: b[1]}
+    ekfac = true_fisher_statistics(model, config, batches, loss_fn, kind="ekfac", **options)
+    raw = true_fisher_statistics(model, config, batches, loss_fn, kind="raw", **options)
+    labels = torch.cat(drawn[:3])
+    assert all(torch.equal(torch.cat(drawn[3 * p : 3 * p + 3]), labels) for p in range(3))  # every pass drew the same
+    with logra.GradientLogger(model, config, store=tmp_path / "ref") as logger:
+        for i, (x, mask) in enumerate(batches):
+            with logger.record(ids=list(range(4 * i, 4 * i + 4)), mask=mask):
+                _mlp_losses(model, x, labels[4 * i : 4 * i + 4], mask).sum().backward()
+    ref = logra.GradientStore.open(tmp_path / "ref")
+    for name, s in ref.statistics().items():
+        got = ekfac.kronecker[name]
+        torch.testing.assert_close(got.input_sum, s.input_sum, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got.grad_sum, s.grad_sum, rtol=1e-12, atol=1e-14)
+        assert (got.n_tokens, got.n_examples) == (s.n_tokens, s.n_examples)
+    pre_true = fit_preconditioner(ref, "ekfac", damping=0.1, statistics=ekfac)
+    pre_ref = fit_preconditioner(ref, "ekfac", damping=0.1)
+    assert pre_true.fisher == "true"
+    torch.testing.assert_close(pre_true.apply(ref.rows()), pre_ref.apply(ref.rows()), rtol=1e-10, atol=1e-12)
+    cov = GradientCovariance(ref.layers)
+    cov.add(ref.rows())
+    for name, c in cov.result().items():
+        torch.testing.assert_close(raw.covariance[name], c, rtol=1e-12, atol=1e-14)
+
+
+def test_true_fisher_converges_to_its_expectation() -> None:
+    """With many label draws, S tends to Σ_t P_out (diag p_t - p_t p_tᵀ) P_outᵀ / n_examples."""
+    model, config, batches = _fisher_setup()
+    fisher = true_fisher_statistics(
+        model,
+        config,
+        batches,
+        lambda m, b, g: sampled_cross_entropy(m(b[0]), g, b[1]),
+        num_samples=300,
+        batch_size_fn=lambda b: b[0].shape[0],
+        mask_fn=lambda b: b[1],
+    )
+    with logra.GradientLogger(model, config) as logger:
+        _, p_out = logger.projection("fc2")
+    x = torch.cat([b[0] for b in batches])
+    mask = torch.cat([b[1] for b in batches])
+    p = torch.softmax(model(x).detach(), -1)[mask.bool()]  # (tokens, 4)
+    expected = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).sum(0)
+    expected = p_out @ expected @ p_out.T / x.shape[0]
+    got = fisher.kronecker["fc2"].grad_covariance()
+    assert fisher.kronecker["fc2"].n_examples == 300 * 12
+    torch.testing.assert_close(got, expected, rtol=0.08, atol=0.08 * float(expected.abs().max()))

@@ -1,0 +1,150 @@
+"""Projection matrices: a pure function of (seed, layer name, side, shape, init), with the right law."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from models import build_model, log_rows, make_examples
+
+import logra
+from logra.config import ProjectionInit
+from logra.errors import ConfigError
+from logra.projection import make_projection
+
+DRAWN = [ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER, ProjectionInit.ORTHOGONAL]
+CASES = [(init, seed, name, side, k, n) for init in DRAWN for seed in (0, 3) for name in ("fc1", "h.0.mlp.c_fc")
+         for side in ("in", "out") for k, n in ((4, 9), (16, 16))]  # fmt: skip
+
+
+def _digest(p: torch.Tensor) -> str:
+    return hashlib.sha256(p.numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("init", list(ProjectionInit)[:4])
+@pytest.mark.parametrize("k,n", [(1, 1), (3, 7), (7, 7), (5, 40)])
+def test_shape_dtype_and_repeatability(init: ProjectionInit, k: int, n: int) -> None:
+    p = make_projection(init, 0, "layer", "in", k, n)
+    assert p.shape == (k, n) and p.dtype == torch.float64 and p.device.type == "cpu" and p.is_contiguous()
+    assert torch.equal(p, make_projection(init, 0, "layer", "in", k, n))
+    assert torch.isfinite(p).all()
+
+
+def test_every_identity_part_changes_the_matrix() -> None:
+    digests = {_digest(make_projection(*case)) for case in CASES}
+    assert len(digests) == len(CASES)  # seed, name, side, shape and init all matter
+
+
+@pytest.mark.subprocess
+def test_identical_in_another_process() -> None:
+    code = (
+        "import hashlib, json, sys\n"
+        "from logra.config import ProjectionInit\n"
+        "from logra.projection import make_projection\n"
+        "out = []\n"
+        "for init, seed, name, side, k, n in json.loads(sys.stdin.read()):\n"
+        "    p = make_projection(ProjectionInit(init), seed, name, side, k, n)\n"
+        "    out.append(hashlib.sha256(p.numpy().tobytes()).hexdigest())\n"
+        "print(json.dumps(out))\n"
+    )
+    payload = json.dumps([[c[0].value, *c[1:]] for c in CASES])
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [_digest(make_projection(*c)) for c in CASES]
+
+
+def test_orthogonal_rows_are_orthonormal() -> None:
+    for k, n in ((1, 5), (4, 9), (9, 9), (20, 64)):
+        p = make_projection(ProjectionInit.ORTHOGONAL, 1, "x", "out", k, n)
+        torch.testing.assert_close(p @ p.T, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-13)
+
+
+def test_rademacher_and_gaussian_scale() -> None:
+    k, n = 32, 512
+    r = make_projection(ProjectionInit.RADEMACHER, 0, "x", "in", k, n)
+    torch.testing.assert_close(r.abs(), torch.full((k, n), k**-0.5, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert abs((r > 0).double().mean().item() - 0.5) < 0.05
+    g = make_projection(ProjectionInit.GAUSSIAN, 0, "x", "in", k, n)
+    # E[g²] = 1/k; with 16384 entries the estimate is within a few percent, and E[g] = 0.
+    assert abs((g**2).mean().item() * k - 1) < 0.05 and abs(g.mean().item()) * k**0.5 < 0.05
+
+
+def test_identity_is_the_leading_rows_of_the_identity() -> None:
+    assert torch.equal(
+        make_projection(ProjectionInit.IDENTITY, 9, "x", "in", 3, 5), torch.eye(5, dtype=torch.float64)[:3]
+    )
+
+
+@pytest.mark.parametrize("k,n", [(0, 4), (5, 4), (-1, 3)])
+def test_k_outside_one_to_n_is_refused(k: int, n: int) -> None:
+    with pytest.raises(ConfigError, match=f"k={k}.*n={n}"):
+        make_projection(ProjectionInit.GAUSSIAN, 0, "x", "in", k, n)
+
+
+# ---------------------------------------------------------------- the logger's projections
+
+
+def test_two_loggers_share_projections_and_they_come_from_make_projection() -> None:
+    cfg = logra.LoGraConfig(k_in=5, k_out=4, seed=3, include_bias=True)
+    a = logra.GradientLogger(build_model("gpt2"), cfg)
+    b = logra.GradientLogger(build_model("gpt2", seed=5), cfg)  # other weights, same shapes
+    a.close(), b.close()
+    assert a.layers == b.layers
+    for layer in a.layers:
+        pa, pb = a.projection(layer.name), b.projection(layer.name)
+        assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+        assert torch.equal(pa[0], make_projection(cfg.init, 3, layer.name, "in", layer.k_in, layer.n_in))
+        assert torch.equal(pa[1], make_projection(cfg.init, 3, layer.name, "out", layer.k_out, layer.n_out))
+    with pytest.raises(ConfigError, match="'nope' is not logged"):
+        a.projection("nope")
+
+
+def test_projection_returns_copies() -> None:
+    logger = logra.GradientLogger(build_model("mlp"), logra.LoGraConfig(k_in=3, k_out=3))
+    p_in, _ = logger.projection("fc1")
+    p_in.zero_()
+    assert logger.projection("fc1")[0].abs().sum() > 0
+    logger.close()
+
+
+def test_k_is_clipped_to_the_layer_and_layer_k_overrides() -> None:
+    model = build_model("mlp")  # fc1 6 -> 10, fc2 10 -> 10, head 10 -> 5
+    cfg = logra.LoGraConfig(k_in=8, k_out=8, layer_k={"fc2": (3, 2), "f*": (100, 1)}, include_bias=True)
+    with logra.GradientLogger(model, cfg) as logger:
+        pass
+    table = {layer.name: (layer.n_in, layer.n_out, layer.k_in, layer.k_out) for layer in logger.layers}
+    assert table == {"fc1": (7, 10, 7, 1), "fc2": (11, 10, 3, 2), "head": (11, 5, 8, 5)}
+    offsets = list(itertools.accumulate([0] + [layer.size for layer in logger.layers]))
+    assert [layer.offset for layer in logger.layers] == offsets[:-1] and logger.dim == offsets[-1]
+    for layer in logger.layers:
+        p_in, p_out = logger.projection(layer.name)
+        assert p_in.shape == (layer.k_in, layer.n_in) and p_out.shape == (layer.k_out, layer.n_out)
+
+
+def test_pca_projections_are_the_top_eigenvectors_of_an_identity_pass(tmp_path) -> None:
+    model = build_model("mlp")
+    examples = make_examples("mlp", 8, seed=4)
+    full = logra.LoGraConfig(k_in=100, k_out=100, init="identity", dtype="float64", modules=["fc*"])
+    with logra.GradientLogger(model, full, store=tmp_path / "full") as logger:
+        log_rows(logger, examples, list(range(8)), batch_size=4)
+    stats = logra.GradientStore.open(tmp_path / "full").statistics()
+    pca = logra.LoGraConfig(k_in=3, k_out=2, init="pca", pca_statistics=str(tmp_path / "full"), modules=["fc*"])
+    with logra.GradientLogger(model, pca) as logger:
+        pass
+    for layer in logger.layers:
+        p_in, p_out = logger.projection(layer.name)
+        for p, cov in ((p_in, stats[layer.name].input_covariance()), (p_out, stats[layer.name].grad_covariance())):
+            k = p.shape[0]
+            top = torch.linalg.eigvalsh(cov).flip(0)[:k]
+            torch.testing.assert_close(p @ p.T, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-12)
+            torch.testing.assert_close(p @ cov @ p.T, torch.diag(top), rtol=1e-9, atol=1e-12 * top[0].item())
+    not_identity = logra.LoGraConfig(k_in=3, k_out=3, modules=["fc*"])
+    with logra.GradientLogger(model, not_identity, store=tmp_path / "gauss") as logger:
+        log_rows(logger, examples[:2], [0, 1], batch_size=2)
+    with pytest.raises(ConfigError, match="init='identity'"):
+        logra.GradientLogger(model, logra.LoGraConfig(init="pca", pca_statistics=str(tmp_path / "gauss")))
