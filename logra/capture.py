@@ -72,7 +72,7 @@ class LinearAdapter(LayerAdapter):
 
     @staticmethod
     def weight_grad_out_in(module: nn.Module) -> Tensor | None:
-        return module.weight.grad
+        return layer_weight(module).grad
 
 
 class HFConv1DAdapter(LayerAdapter):
@@ -90,18 +90,25 @@ class HFConv1DAdapter(LayerAdapter):
             cls.__name__ == "Conv1D"
             and cls.__module__.startswith("transformers")
             and isinstance(getattr(module, "weight", None), torch.Tensor)
-            and module.weight.dim() == 2
+            and layer_weight(module).dim() == 2
         )
 
     @staticmethod
     def widths(module: nn.Module) -> tuple[int, int, bool]:
-        n_in, n_out = module.weight.shape
+        n_in, n_out = layer_weight(module).shape
         return int(n_in), int(n_out), getattr(module, "bias", None) is not None
 
     @staticmethod
     def weight_grad_out_in(module: nn.Module) -> Tensor | None:
-        grad = module.weight.grad
+        grad = layer_weight(module).grad
         return None if grad is None else grad.T
+
+
+def layer_weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise CaptureError(f"{type(module).__name__} has no weight tensor; it cannot be logged.")
+    return weight
 
 
 def adapter_for(module: nn.Module) -> type[LayerAdapter] | None:
@@ -178,8 +185,8 @@ def select_layers(
                     f"({len(names)}): {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}."
                 )
             chosen.extend(hits)
-        seen: set[str] = set()
-        chosen = [s for s in supported if s[0] in {c[0] for c in chosen} and not (s[0] in seen or seen.add(s[0]))]
+        picked = {c[0] for c in chosen}
+        chosen = [s for s in supported if s[0] in picked]  # model order, each layer once
     chosen = [s for s in chosen if not any(fnmatch.fnmatchcase(s[0], p) for p in exclude)]
     if not chosen:
         raise CaptureError(

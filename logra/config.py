@@ -107,7 +107,9 @@ class LoGraConfig:
     nonfinite: NonFinitePolicy = field(default=NonFinitePolicy.RAISE, metadata={"help": "NaN/Inf policy."})
     pca_statistics: str | None = field(
         default=None,
-        metadata={"help": "For init='pca': a store logged with init='identity' at full size, whose factors give the projections."},
+        metadata={
+            "help": "For init='pca': a store logged with init='identity' at full size; its factors give the projections."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from logra.capture import LayerCapture, LayerInfo, per_example_gradients, select_layers
+from logra.capture import LayerCapture, LayerInfo, layer_weight, per_example_gradients, select_layers
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit
 from logra.errors import CaptureError, ConfigError, NonFiniteGradientError, StoreError
 from logra.projection import make_projection
@@ -79,8 +79,8 @@ def model_fingerprint(model: nn.Module, layers: list[tuple[str, nn.Module, Any]]
     """A hash of the selected layers' names, shapes, dtypes and a strided sample of their weights."""
     h = hashlib.sha256()
     for name, module, _ in layers:
-        w = module.weight.detach()
-        full_tensor = getattr(w, "full_tensor", None)
+        w = layer_weight(module).detach()
+        full_tensor: Any = getattr(w, "full_tensor", None)
         if callable(full_tensor):  # an FSDP2/tensor-parallel DTensor: hash the whole weight (a collective)
             w = full_tensor()
         h.update(f"{name}|{type(module).__name__}|{tuple(w.shape)}|{w.dtype}".encode())

@@ -61,7 +61,7 @@ class KroneckerStatistics:
 def statistics_to_arrays(stats: dict[str, KroneckerStatistics]) -> dict[str, np.ndarray]:
     """Flatten {layer: stats} to named numpy arrays (for an .npz file; no pickle)."""
     arrays: dict[str, np.ndarray] = {}
-    for i, (name, s) in enumerate(stats.items()):
+    for i, s in enumerate(stats.values()):
         arrays[f"{i}.input_sum"] = s.input_sum.numpy()
         arrays[f"{i}.grad_sum"] = s.grad_sum.numpy()
         arrays[f"{i}.counts"] = np.array([s.n_tokens, s.n_examples], dtype=np.int64)
