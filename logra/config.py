@@ -108,7 +108,7 @@ class LoGraConfig:
     pca_statistics: str | None = field(
         default=None,
         metadata={
-            "help": "For init='pca': a store logged with init='identity' at full size; its factors give the projections."
+            "help": "For init='pca': a store logged with init='identity' at full size; its factors give projections."
         },
     )
 
