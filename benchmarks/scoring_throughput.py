@@ -1,7 +1,7 @@
 """Throughput and peak memory of the streamed `Scorer` over a synthetic store on disk.
 
   throughput ratio = time of one in-memory torch.matmul [Q, D] @ [D, N] (rows already in RAM)
-                     / time of `Scorer(store, identity).scores(queries)` streaming the same rows
+                     / time of `Scorer(store, identity).score(queries)` streaming the same rows
                      from the memory-mapped shards (warm page cache; best of --repeat runs)
   memory           = peak resident memory while scoring a store of N rows and one of 10 N rows,
                      each in a fresh process: VmHWM (reset through /proc/self/clear_refs; it
@@ -58,7 +58,7 @@ def throughput(store: logra.GradientStore, queries: int, chunk_rows: int, repeat
     streamed = []
     for _ in range(repeat):
         t = time.perf_counter()
-        scores = scorer.scores(q)
+        scores = scorer.score(q)
         streamed.append(time.perf_counter() - t)
     rows = store.rows().clone()  # the whole store in RAM, for the reference matmul
     in_memory = []
@@ -94,7 +94,7 @@ def peak_memory(root: str, queries: int, chunk_rows: int) -> dict[str, float]:
     base_hwm, base_anon = _status("VmHWM"), _status("RssAnon")
     thread = threading.Thread(target=sample)
     thread.start()
-    out = scorer.scores(q, out=Path(root).parent / f"scores-{len(store)}.npy")
+    out = scorer.score(q, out=Path(root).parent / f"scores-{len(store)}.npy")
     done.set()
     thread.join()
     del out

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from logra.integrations.hf_callback import LoGraCallback
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import logra
+from logra.integrations.hf_callback import LoGraCallback
 
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:

@@ -46,6 +46,7 @@ def main() -> None:
     device = torch.device("cpu")
     if use_accelerate:
         from accelerate import Accelerator
+
         from logra.integrations.accelerate import check_accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -76,7 +77,7 @@ def main() -> None:
         with query_logger.record(ids=[0, 1]) as rec:
             per_example_loss(model, corpus(2, seed=2).to(device)).sum().backward()
     scorer = distributed.DistributedScorer(store, fit_preconditioner(store, "kfac"), device=device)
-    scores = scorer.scores(rec.rows)
+    scores = scorer.score(rec.rows)
     top = scorer.top_k(rec.rows, 3)
     if rank == 0:
         print(f"{world} process(es): {len(store)} rows from shards {[s.file for s in store.manifest.shards][:4]} ...")

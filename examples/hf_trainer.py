@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from logra.integrations.hf import log_trainer, trainer_rows
-from logra.integrations.hf_callback import LoGraCallback, tracin_scores
-from logra.integrations.hf_export import add_scores_column, save_parquet, scores_table
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import logra
 from logra import distributed
+from logra.integrations.hf import log_trainer, trainer_rows
+from logra.integrations.hf_callback import LoGraCallback, tracin_scores
+from logra.integrations.hf_export import add_scores_column, save_parquet, scores_table
 from logra.precondition import fit_preconditioner
 from logra.score import Scorer
 
@@ -76,7 +76,7 @@ def main(out: Path) -> None:
     # LoGra with KFAC at the end of training: the Trainer's model, collator and loss.
     store = log_trainer(trainer, config, out / "store", id_column="uid")
     q = trainer_rows(trainer, config, queries, id_column="uid")
-    scores = distributed.DistributedScorer(store, fit_preconditioner(store, "kfac")).scores(q.rows)
+    scores = distributed.DistributedScorer(store, fit_preconditioner(store, "kfac")).score(q.rows)
     tracin = tracin_scores(out / "tracin")
     if rank != 0:
         return

@@ -169,7 +169,7 @@ def read_checkpoints(output_dir: str | os.PathLike[str]) -> list[Checkpoint]:
 def tracin_scores(
     output_dir: str | os.PathLike[str],
     *,
-    kind: str = "identity",
+    method: str = "identity",
     normalization: str = "dot",
     learning_rates: bool = True,
 ) -> TracInScores:
@@ -177,7 +177,7 @@ def tracin_scores(
 
     Args:
         output_dir: a `LoGraCallback` output directory whose checkpoints include query stores.
-        kind: preconditioner per checkpoint; "identity" gives TracIn's plain dot products.
+        method: preconditioner per checkpoint; "identity" gives TracIn's plain dot products.
         normalization: dot | cosine | relative, per checkpoint (as `Scorer`).
         learning_rates: weight each checkpoint by its recorded learning rate η_c (else 1).
 
@@ -191,8 +191,8 @@ def tracin_scores(
         if c.query is None:
             raise ConfigError(f"checkpoint {c.name} has no query store; pass query_dataset= to LoGraCallback.")
         train, query = GradientStore.open(c.train), GradientStore.open(c.query)
-        scorer = Scorer(train, fit_preconditioner(train, kind), normalization, compute_dtype=torch.float64)
-        part = scorer.scores(query.rows())
+        scorer = Scorer(train, fit_preconditioner(train, method), normalization, compute_dtype=torch.float64)
+        part = scorer.score(query.rows())
         assert isinstance(part, Tensor)
         weight = (c.learning_rate if c.learning_rate is not None else 1.0) if learning_rates else 1.0
         if total is None:

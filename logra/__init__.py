@@ -19,7 +19,7 @@ from logra.errors import (
     StoreError,
 )
 from logra.logger import GradientLogger, Record
-from logra.precondition import Preconditioner, PreconditionerKind, fit_preconditioner, load_preconditioner
+from logra.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner, load_preconditioner
 from logra.score import Normalization, Scorer, TopK
 from logra.statistics import KroneckerStatistics
 from logra.store import GradientStore
@@ -48,7 +48,7 @@ __all__ = [
     "FisherStatistics",
     "Normalization",
     "Preconditioner",
-    "PreconditionerKind",
+    "PreconditionerMethod",
     "Scorer",
     "TopK",
     "evaluation",

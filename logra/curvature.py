@@ -162,22 +162,22 @@ def true_fisher_statistics(
     batches: Iterable[Any],
     loss_fn: LossFn,
     *,
-    kind: str = "kfac",
+    method: str = "kfac",
     num_samples: int = 1,
     seed: int = 0,
     batch_size_fn: Callable[[Any], int] | None = None,
     mask_fn: Callable[[Any], Tensor | None] | None = None,
     progress: bool | None = None,
 ) -> FisherStatistics:
-    """Statistics of the true Fisher, for `fit_preconditioner(store, kind, statistics=...)`.
+    """Statistics of the true Fisher, for `fit_preconditioner(store, method, statistics=...)`.
 
     Args:
         model, config: the model and the LoGraConfig the training store was logged with.
-        batches: an iterable of batches (re-iterable, e.g. a list or DataLoader, for kind="ekfac",
+        batches: an iterable of batches (re-iterable, e.g. a list or DataLoader, for method="ekfac",
             whose eigenvalues take a second pass with the same label draws).
         loss_fn: loss_fn(model, batch, generator) -> (B,) per-example losses of labels sampled
             from the model with `generator` (see `sampled_cross_entropy`).
-        kind: the preconditioner the statistics are for: kfac | ekfac | raw.
+        method: the preconditioner the statistics are for: kfac | ekfac | raw.
         num_samples: label draws per example (more draws, less noise).
         seed: seeds the CPU generator passed to loss_fn.
         batch_size_fn: batch -> B; default: the first dimension of the batch's first tensor.
@@ -185,18 +185,20 @@ def true_fisher_statistics(
 
     Gradients accumulate in the model's `.grad` as in any backward; zero them afterwards if needed.
     """
-    if kind not in ("kfac", "ekfac", "raw"):
-        raise ConfigError(f"true_fisher_statistics(kind={kind!r}) must be 'kfac', 'ekfac' or 'raw'.")
+    if method not in ("kfac", "ekfac", "raw"):
+        raise ConfigError(f"true_fisher_statistics(method={method!r}) must be 'kfac', 'ekfac' or 'raw'.")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples={num_samples!r} must be a positive int.")
-    if kind == "ekfac" and iter(batches) is batches:  # type: ignore[comparison-overlap]
-        raise ConfigError("kind='ekfac' takes two passes over `batches`: pass a list or a DataLoader, not an iterator.")
+    if method == "ekfac" and iter(batches) is batches:  # type: ignore[comparison-overlap]
+        raise ConfigError(
+            "method='ekfac' takes two passes over `batches`: pass a list or a DataLoader, not an iterator."
+        )
     with GradientLogger(model, config, store=None, statistics=True) as logger:
-        covariance = GradientCovariance(logger.layers) if kind == "raw" else None
+        covariance = GradientCovariance(logger.layers) if method == "raw" else None
         n = _sampled_pass(logger, batches, loss_fn, num_samples, seed, batch_size_fn, mask_fn, progress, covariance)
         kronecker = logger.statistics()
         eigenvalues = None
-        if kind == "ekfac":
+        if method == "ekfac":
             bases = {name: (q_s, q_a) for name, (q_s, _, q_a, _) in kronecker_eigenbases(kronecker).items()}
             moments = EigenbasisMoments(logger.layers, bases)
             _sampled_pass(logger, batches, loss_fn, num_samples, seed, batch_size_fn, mask_fn, progress, moments)
@@ -270,18 +272,20 @@ class CurvatureSource:
 
 
 def curvature_source(store: GradientStore, statistics: Any, raw: bool) -> CurvatureSource:
-    """Resolve `fit_preconditioner(statistics=...)` for `store`; `raw`: for kind='raw'."""
+    """Resolve `fit_preconditioner(statistics=...)` for `store`; `raw`: for method='raw'."""
     if statistics is None:
         source = CurvatureSource({} if raw else store.statistics(), None, None, "empirical")
     elif isinstance(statistics, FisherStatistics):
         if raw and statistics.covariance is None:
-            raise ConfigError("these FisherStatistics hold no covariance; compute them with kind='raw' for kind='raw'.")
+            raise ConfigError(
+                "these FisherStatistics hold no covariance; compute them with method='raw' for method='raw'."
+            )
         source = CurvatureSource(statistics.kronecker, statistics.eigenvalues, statistics.covariance, "true")
     elif isinstance(statistics, Mapping):
         if raw:
             raise ConfigError(
-                "kind='raw' cannot use Kronecker statistics; pass statistics=None (the store's rows) or the "
-                "FisherStatistics of true_fisher_statistics(..., kind='raw')."
+                "method='raw' cannot use Kronecker statistics; pass statistics=None (the store's rows) or the "
+                "FisherStatistics of true_fisher_statistics(..., method='raw')."
             )
         source = CurvatureSource(dict(statistics), None, None, "custom")
     else:

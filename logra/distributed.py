@@ -336,13 +336,13 @@ def shard_view(store: GradientStore, shards: range) -> tuple[GradientStore, int]
 
 
 def shared_preconditioner(
-    store: GradientStore, kind: Any, directory: str | os.PathLike[str], *, group: Group = None, **kwargs: Any
+    store: GradientStore, method: Any, directory: str | os.PathLike[str], *, group: Group = None, **kwargs: Any
 ) -> Preconditioner:
     """Fit a preconditioner once, on rank 0, save it to `directory` and load it on every rank.
 
     Worth it for ekfac and raw, whose fit reads every row; `kwargs` go to `fit_preconditioner`.
     """
-    run_on_rank0(lambda: fit_preconditioner(store, kind, **kwargs).save(directory), group)
+    run_on_rank0(lambda: fit_preconditioner(store, method, **kwargs).save(directory), group)
     return load_preconditioner(directory)
 
 
@@ -372,9 +372,9 @@ class DistributedScorer:
         self.local, self.first_row = shard_view(store, self.shards)
         self.scorer = Scorer(self.local, preconditioner, normalization, chunk_rows, **scorer_kwargs)
 
-    def scores(self, query_rows: Tensor) -> Tensor:
+    def score(self, query_rows: Tensor) -> Tensor:
         """[Q, N] scores of every query against every training row, on every rank."""
-        local = self.scorer.scores(query_rows)
+        local = self.scorer.score(query_rows)
         assert isinstance(local, Tensor)  # by_layer=False
         return gather_columns(local, self.group)
 

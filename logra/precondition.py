@@ -54,7 +54,7 @@ _JSON = "preconditioner.json"
 _NPZ = "factors.npz"
 
 
-class PreconditionerKind(str, enum.Enum):
+class PreconditionerMethod(str, enum.Enum):
     """Which curvature approximation H to invert (see the module docstring)."""
 
     IDENTITY = "identity"
@@ -63,35 +63,35 @@ class PreconditionerKind(str, enum.Enum):
     RAW = "raw"
 
     @classmethod
-    def parse(cls, value: PreconditionerKind | str) -> PreconditionerKind:
+    def parse(cls, value: PreconditionerMethod | str) -> PreconditionerMethod:
         try:
             return cls(value)
         except ValueError:
             choices = ", ".join(repr(m.value) for m in cls)
-            raise ConfigError(f"preconditioner kind {value!r} is not one of {choices}.") from None
+            raise ConfigError(f"preconditioner method {value!r} is not one of {choices}.") from None
 
 
 # --------------------------------------------------------------------------------------------
-# The preconditioners: one small class per kind, found through a registry.
+# The preconditioners: one small class per method, found through a registry.
 
 
 class Preconditioner:
     """The damped inverse curvature of one store, block diagonal over its layers.
 
     Attributes:
-        kind: the `PreconditionerKind`.  layers: the layer table it applies to.  dim: D.
+        method: the `PreconditionerMethod`.  layers: the layer table it applies to.  dim: D.
         damping: {layer: λ}, the absolute damping added to each layer's curvature.
         factors: {layer: {name: float64 tensor}}, the fitted tensors (read them, do not edit them).
         fingerprint: the projection fingerprint of the store it was fitted on.
         fisher: "empirical" (the logged labels), "true" (sampled labels) or "custom" (given statistics).
     """
 
-    kind: ClassVar[PreconditionerKind]
-    registry: ClassVar[dict[PreconditionerKind, type[Preconditioner]]] = {}
+    method: ClassVar[PreconditionerMethod]
+    registry: ClassVar[dict[PreconditionerMethod, type[Preconditioner]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        Preconditioner.registry[cls.kind] = cls
+        Preconditioner.registry[cls.method] = cls
 
     def __init__(
         self,
@@ -114,22 +114,22 @@ class Preconditioner:
             expected = self.factor_shapes(layer)
             got = {k: tuple(v.shape) for k, v in self.factors[layer.name].items()}
             if got != expected:
-                raise ConfigError(f"{self.kind.value} factors of layer {layer.name!r}: shapes {got}, not {expected}.")
+                raise ConfigError(f"{self.method.value} factors of layer {layer.name!r}: shapes {got}, not {expected}.")
             eigenvalues = self.curvature_eigenvalues(self.factors[layer.name])
-            _check_invertible(self.kind, layer.name, eigenvalues, self.damping[layer.name])
+            _check_invertible(self.method, layer.name, eigenvalues, self.damping[layer.name])
 
-    # ------------------------------------------------------------ what each kind defines
+    # ------------------------------------------------------------ what each method defines
 
     @classmethod
     def factor_shapes(cls, layer: LayerInfo) -> dict[str, tuple[int, ...]]:
-        """The names and shapes of the float64 tensors this kind keeps for `layer`."""
+        """The names and shapes of the float64 tensors this method keeps for `layer`."""
         return {}
 
     @classmethod
     def fit_factors(
         cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
     ) -> dict[str, dict[str, Tensor]]:
-        """{layer: factors} fitted on `store` (one pass over its rows where the kind needs one)."""
+        """{layer: factors} fitted on `store` (one pass over its rows where the method needs one)."""
         return {}
 
     @staticmethod
@@ -187,7 +187,7 @@ class Preconditioner:
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "kind": self.kind.value,
+            "method": self.method.value,
             "fisher": self.fisher,
             "projection_fingerprint": self.fingerprint,
             "layers": [layer.to_dict() for layer in self.layers],
@@ -206,13 +206,13 @@ class Preconditioner:
 class IdentityPreconditioner(Preconditioner):
     """H = I: scores are plain dot products of the projected gradients (TracIn-style)."""
 
-    kind = PreconditionerKind.IDENTITY
+    method = PreconditionerMethod.IDENTITY
 
 
 class KFACPreconditioner(Preconditioner):
     """H = S ⊗ A + λI, inverted in the eigenbasis of the two Kronecker factors."""
 
-    kind = PreconditionerKind.KFAC
+    method = PreconditionerMethod.KFAC
 
     @classmethod
     def factor_shapes(cls, layer: LayerInfo) -> dict[str, tuple[int, ...]]:
@@ -244,7 +244,7 @@ class KFACPreconditioner(Preconditioner):
 class EKFACPreconditioner(KFACPreconditioner):
     """KFAC's eigenbasis with the eigenvalues refitted to the stored rows' second moments."""
 
-    kind = PreconditionerKind.EKFAC
+    method = PreconditionerMethod.EKFAC
 
     @classmethod
     def factor_shapes(cls, layer: LayerInfo) -> dict[str, tuple[int, ...]]:
@@ -277,7 +277,7 @@ class EKFACPreconditioner(KFACPreconditioner):
 class RawPreconditioner(Preconditioner):
     """H = (1/N) Σ vec(G_i)vec(G_i)ᵀ + λI per layer, applied through its float64 eigendecomposition."""
 
-    kind = PreconditionerKind.RAW
+    method = PreconditionerMethod.RAW
 
     @classmethod
     def factor_shapes(cls, layer: LayerInfo) -> dict[str, tuple[int, ...]]:
@@ -313,7 +313,7 @@ class RawPreconditioner(Preconditioner):
 
 def fit_preconditioner(
     store: GradientStore,
-    kind: PreconditionerKind | str = PreconditionerKind.KFAC,
+    method: PreconditionerMethod | str = PreconditionerMethod.KFAC,
     damping: float | Mapping[str, float] | None = None,
     statistics: Mapping[str, KroneckerStatistics] | FisherStatistics | None = None,
     *,
@@ -321,11 +321,11 @@ def fit_preconditioner(
     device: torch.device | str | None = None,
     progress: bool | None = None,
 ) -> Preconditioner:
-    """Fit a preconditioner of `kind` on `store`.
+    """Fit a preconditioner of `method` on `store`.
 
     Args:
         store: an open `GradientStore` (holding statistics, for kfac/ekfac without `statistics`).
-        kind: identity | kfac | ekfac | raw (a `PreconditionerKind` or its value).
+        method: identity | kfac | ekfac | raw (a `PreconditionerMethod` or its value).
         damping: λ for every layer, a {layer: λ} dict, or None for DEFAULT_RELATIVE_DAMPING (0.1)
             times each layer's mean eigenvalue of the undamped curvature.
         statistics: replaces the store's empirical curvature: a {layer: KroneckerStatistics} dict
@@ -338,13 +338,13 @@ def fit_preconditioner(
         raise ConfigError(f"fit_preconditioner needs a GradientStore.open(path), got a {type(store).__name__}.")
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ConfigError(f"chunk_rows={chunk_rows!r} must be a positive int.")
-    kind = PreconditionerKind.parse(kind)
-    cls = Preconditioner.registry[kind]
-    if kind is PreconditionerKind.IDENTITY:
+    method = PreconditionerMethod.parse(method)
+    cls = Preconditioner.registry[method]
+    if method is PreconditionerMethod.IDENTITY:
         if damping is not None or statistics is not None:
-            raise ConfigError("kind='identity' uses no curvature: pass damping=None and statistics=None.")
+            raise ConfigError("method='identity' uses no curvature: pass damping=None and statistics=None.")
         return cls(store.layers, {}, {}, store.config.projection_fingerprint())
-    source = curvature_source(store, statistics, raw=kind is PreconditionerKind.RAW)
+    source = curvature_source(store, statistics, raw=method is PreconditionerMethod.RAW)
     factors = cls.fit_factors(store, source, chunk_rows, device, progress)
     resolved = _resolve_damping(cls, store.layers, factors, damping)
     return cls(store.layers, factors, resolved, store.config.projection_fingerprint(), source.fisher)
@@ -384,13 +384,13 @@ def _resolve_damping(
     return resolved
 
 
-def _check_invertible(kind: PreconditionerKind, name: str, eig: Tensor | None, damping: float) -> None:
+def _check_invertible(method: PreconditionerMethod, name: str, eig: Tensor | None, damping: float) -> None:
     if eig is None:
         return
     top = float(eig.max()) if eig.numel() else 0.0
     if float((eig + damping).min()) <= 1e-12 * max(top, damping):
         raise ConfigError(
-            f"the {kind.value} curvature of layer {name!r} is singular (smallest eigenvalue {float(eig.min()):.3g}, "
+            f"the {method.value} curvature of layer {name!r} is singular (smallest eigenvalue {float(eig.min()):.3g}, "
             f"largest {top:.3g}) and damping is {damping}; pass damping > 0, or damping=None for the default "
             "(0.1 x the layer's mean eigenvalue)."
         )
@@ -411,7 +411,7 @@ def load_preconditioner(directory: str | os.PathLike[str]) -> Preconditioner:
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             found = f"{meta.get('format')!r} version {meta.get('format_version')!r}"
             raise ValueError(f"format {found} is not {FORMAT!r} version {FORMAT_VERSION}")
-        cls = Preconditioner.registry[PreconditionerKind(meta["kind"])]
+        cls = Preconditioner.registry[PreconditionerMethod(meta["method"])]
         layers = [LayerInfo(**raw) for raw in meta["layers"]]
         npz = root / _NPZ
         if meta["factors"]["file"] != _NPZ or not npz.is_file() or _sha256(npz) != meta["factors"]["sha256"]:

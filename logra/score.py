@@ -133,7 +133,7 @@ class Scorer:
 
     # ------------------------------------------------------------ public surface
 
-    def scores(
+    def score(
         self, query_rows: Tensor | GradientStore, by_layer: bool = False, out: str | os.PathLike[str] | None = None
     ) -> Tensor | dict[str, Tensor]:
         """Scores [Q, N] of every query against every training row.
@@ -146,7 +146,7 @@ class Scorer:
             out: a path: write a float32 [Q, N] .npy memory map there and return a tensor view of it.
         """
         if by_layer and out is not None:
-            raise ConfigError("scores(by_layer=True) returns one matrix per layer in memory; do not pass out=.")
+            raise ConfigError("score(by_layer=True) returns one matrix per layer in memory; do not pass out=.")
         q = self._prepare(query_rows)
         Q, N = q.pre.shape[0], len(self.store)
         names = [layer.name for layer in self.store.layers] if by_layer else ["total"]

@@ -132,10 +132,10 @@ def log_gpt2(root: Path, *, n: int = 20, batch: int = 4, n_query: int = 3) -> Lo
 
 
 # --------------------------------------------------------------------------------------------
-# Dense references: the curvature of each kind built explicitly and inverted with linalg.inv.
+# Dense references: the curvature of each method built explicitly and inverted with linalg.inv.
 
 
-def dense_curvature(kind: str, store: logra.GradientStore, layer: logra.LayerInfo) -> Tensor:
+def dense_curvature(method: str, store: logra.GradientStore, layer: logra.LayerInfo) -> Tensor:
     """The undamped (k_out*k_in)^2 curvature of one layer, built by hand (float64).
 
     kfac: kron(S, A).  ekfac: the kfac eigenbasis (numpy's eigh, so eigenvector signs may differ
@@ -146,26 +146,26 @@ def dense_curvature(kind: str, store: logra.GradientStore, layer: logra.LayerInf
     stats = store.statistics()[layer.name]
     S = stats.grad_sum / stats.n_examples
     A = stats.input_sum / stats.n_tokens
-    if kind == "kfac":
+    if method == "kfac":
         return torch.kron(S, A)
-    if kind == "ekfac":
+    if method == "ekfac":
         q_s = torch.from_numpy(np.linalg.eigh(S.numpy())[1])
         q_a = torch.from_numpy(np.linalg.eigh(A.numpy())[1])
         basis = torch.kron(q_s, q_a)  # columns: the eigenvectors of kron(S, A) in row-major vec order
         lam = (rows @ basis).square().mean(0)
         return basis @ torch.diag(lam) @ basis.T
-    if kind == "raw":
+    if method == "raw":
         return rows.T @ rows / rows.shape[0]
-    raise ValueError(kind)
+    raise ValueError(method)
 
 
-def dense_inverse(kind: str, store: logra.GradientStore, damping: dict[str, float]) -> Tensor:
+def dense_inverse(method: str, store: logra.GradientStore, damping: dict[str, float]) -> Tensor:
     """The block-diagonal (D, D) inverse of the damped curvature, by torch.linalg.inv."""
     blocks = []
     for layer in store.layers:
-        if kind == "identity":
+        if method == "identity":
             blocks.append(torch.eye(layer.size, dtype=torch.float64))
             continue
-        H = dense_curvature(kind, store, layer) + damping[layer.name] * torch.eye(layer.size, dtype=torch.float64)
+        H = dense_curvature(method, store, layer) + damping[layer.name] * torch.eye(layer.size, dtype=torch.float64)
         blocks.append(torch.linalg.inv(H))
     return torch.block_diag(*blocks)

@@ -192,7 +192,7 @@ def test_distributed_scorer_on_one_process_equals_scorer(tmp_path: Path) -> None
     queries = common.query_rows(common.model())
     pre = fit_preconditioner(store, "kfac")
     plain, split = Scorer(store, pre, chunk_rows=3), distributed.DistributedScorer(store, pre, chunk_rows=3)
-    assert torch.equal(split.scores(queries), plain.scores(queries))
+    assert torch.equal(split.score(queries), plain.score(queries))
     assert torch.equal(split.self_influence(), plain.self_influence())
     a, b = split.top_k(queries, 4), plain.top_k(queries, 4)
     assert a.helpful_ids == b.helpful_ids and a.harmful_ids == b.harmful_ids
@@ -281,7 +281,7 @@ def test_torchrun_scores_equal_one_process(torchrun_out: Path, reference: logra.
     assert res["ids"] == reference.ids
     kfac = Scorer(reference, fit_preconditioner(reference, "kfac"))
     cosine = Scorer(reference, fit_preconditioner(reference, "ekfac"), "cosine")
-    for got_scores, want in ((res["kfac"], kfac.scores(queries)), (res["ekfac_cosine"], cosine.scores(queries))):
+    for got_scores, want in ((res["kfac"], kfac.score(queries)), (res["ekfac_cosine"], cosine.score(queries))):
         assert got_scores.shape == (common.N_QUERY, common.N_TRAIN)
         assert torch.allclose(got_scores, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
     want_self = kfac.self_influence()
@@ -311,7 +311,7 @@ def test_accelerate_launch_equals_one_process(accelerate_out: Path, reference: l
     store.verify()
     assert_same_contents(store, reference)
     queries = common.query_rows(common.model())
-    want = Scorer(reference, fit_preconditioner(reference, "kfac")).scores(queries)
+    want = Scorer(reference, fit_preconditioner(reference, "kfac")).score(queries)
     assert torch.allclose(got["kfac"], want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
     order = want.argsort(dim=1, descending=True)[:, :3]
     assert got["top_ids"] == [[reference.ids[j] for j in row] for row in order.tolist()]
@@ -320,6 +320,7 @@ def test_accelerate_launch_equals_one_process(accelerate_out: Path, reference: l
 def test_plain_accelerator_under_a_multi_process_launch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
     from logra.integrations.accelerate import check_accelerator
 
     accelerator = Accelerator(cpu=True)

@@ -145,10 +145,10 @@ def lds_experiment() -> dict[str, float]:
                 nn.functional.cross_entropy(model(xq), yq, reduction="sum").backward()
         store = logra.GradientStore.open(tmp + "/train")
         return {
-            kind: linear_datamodeling_score(
-                Scorer(store, fit_preconditioner(store, kind)).scores(rec.rows), subsets, outputs
+            method: linear_datamodeling_score(
+                Scorer(store, fit_preconditioner(store, method)).score(rec.rows), subsets, outputs
             )
-            for kind in ("identity", "kfac", "ekfac", "raw")
+            for method in ("identity", "kfac", "ekfac", "raw")
         }
 
 
@@ -162,5 +162,5 @@ def test_logra_beats_a_plain_gradient_dot_product_on_lds() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print(f"LDS, digits MLP 64-16-10, N={N_TRAIN}, {N_QUERY} queries, {N_SUBSETS} half subsets, k=16, damping default")
-    for kind, value in lds_experiment().items():
-        print(f"{kind:<10} {value:.3f}")
+    for method, value in lds_experiment().items():
+        print(f"{method:<10} {value:.3f}")

@@ -24,11 +24,12 @@ from logra.losses import causal_lm_loss, sequence_classification_loss
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
 import common  # noqa: E402
+from models import VOCAB, weight_out_in  # noqa: E402
+from transformers import GPT2Config, GPT2ForSequenceClassification, Trainer, TrainerCallback  # noqa: E402
+
 from logra.integrations.hf import detect_task, log_trainer, trainer_rows  # noqa: E402
 from logra.integrations.hf_callback import LoGraCallback, read_checkpoints, tracin_scores  # noqa: E402
 from logra.integrations.hf_export import add_scores_column, save_parquet, scores_table, top_k_table  # noqa: E402
-from models import VOCAB, weight_out_in  # noqa: E402
-from transformers import GPT2Config, GPT2ForSequenceClassification, Trainer, TrainerCallback  # noqa: E402
 
 REL = 1e-10
 
@@ -341,7 +342,7 @@ def test_scores_join_back_by_id_and_export_to_parquet(tmp_path: Path) -> None:
 
     scorer = Scorer(store, fit_preconditioner(store, "identity"), compute_dtype=torch.float64)
     queries = trainer_rows(trainer, common.CONFIG, common.hf_dataset().select([0, 3]), id_column="uid")
-    scores = scorer.scores(queries.rows)
+    scores = scorer.score(queries.rows)
     shuffled = common.hf_dataset().shuffle(seed=0)
     joined = add_scores_column(shuffled, scores[1], store.ids, id_column="uid", name="influence_t03")
     by_id = dict(zip(store.ids, scores[1].tolist()))

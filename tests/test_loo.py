@@ -101,17 +101,19 @@ def experiment(tmp: str, lam: float, num_samples: int = 100) -> dict[str, dict[s
     batches = [x[s : s + 50, :-1] for s in range(0, N_TRAIN, 50)]
     results: dict[str, dict[str, float]] = {}
     damping = lam / N_TRAIN
-    for kind in ("identity", "kfac", "ekfac", "raw"):
-        for fisher in ("empirical", "true") if kind != "identity" else ("empirical",):
+    for method in ("identity", "kfac", "ekfac", "raw"):
+        for fisher in ("empirical", "true") if method != "identity" else ("empirical",):
             statistics = None
             if fisher == "true":
                 sampled = lambda m, b, g: sampled_cross_entropy(m(b), g)  # noqa: E731
-                statistics = true_fisher_statistics(model, CONFIG, batches, sampled, kind=kind, num_samples=num_samples)
-            lam_or_none = None if kind == "identity" else damping
-            pre = fit_preconditioner(store, kind, damping=lam_or_none, statistics=statistics)
-            predicted = Scorer(store, pre).scores(queries) / N_TRAIN
+                statistics = true_fisher_statistics(
+                    model, CONFIG, batches, sampled, method=method, num_samples=num_samples
+                )
+            lam_or_none = None if method == "identity" else damping
+            pre = fit_preconditioner(store, method, damping=lam_or_none, statistics=statistics)
+            predicted = Scorer(store, pre).score(queries) / N_TRAIN
             slope = float((predicted * actual).sum() / (predicted * predicted).sum())
-            results[f"{kind}/{fisher}"] = {"pearson": leave_one_out_correlation(predicted, actual), "slope": slope}
+            results[f"{method}/{fisher}"] = {"pearson": leave_one_out_correlation(predicted, actual), "slope": slope}
     exact = queries @ torch.linalg.inv(hessian(theta, x, lam)) @ store.rows().T  # the ceiling: the exact Hessian
     slope = float((exact * actual).sum() / (exact * exact).sum())
     results["exact Hessian (ref)"] = {"pearson": leave_one_out_correlation(exact, actual), "slope": slope}

@@ -23,28 +23,28 @@ import logra
 from logra.curvature import EigenbasisMoments, GradientCovariance, sampled_cross_entropy, true_fisher_statistics
 from logra.precondition import EKFACPreconditioner, fit_preconditioner, load_preconditioner
 
-KINDS = ["kfac", "ekfac", "raw"]
+METHODS = ["kfac", "ekfac", "raw"]
 
 
 @pytest.mark.parametrize("model", ["mlp", "gpt2"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("damping", [None, 0.05])
 def test_apply_equals_dense_inverse(
-    request: pytest.FixtureRequest, model: str, kind: str, damping: float | None
+    request: pytest.FixtureRequest, model: str, method: str, damping: float | None
 ) -> None:
     logged: Logged = request.getfixturevalue(model)
-    pre = fit_preconditioner(logged.store, kind, damping=damping)
-    expected = logged.queries @ dense_inverse(kind, logged.store, pre.damping)  # H⁻¹ is symmetric
+    pre = fit_preconditioner(logged.store, method, damping=damping)
+    expected = logged.queries @ dense_inverse(method, logged.store, pre.damping)  # H⁻¹ is symmetric
     torch.testing.assert_close(pre.apply(logged.queries), expected, rtol=1e-10, atol=1e-12)
     if damping is not None:
         assert pre.damping == {layer.name: damping for layer in logged.store.layers}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_default_damping_is_a_tenth_of_the_mean_eigenvalue(mlp: Logged, kind: str) -> None:
-    pre = fit_preconditioner(mlp.store, kind)
+@pytest.mark.parametrize("method", METHODS)
+def test_default_damping_is_a_tenth_of_the_mean_eigenvalue(mlp: Logged, method: str) -> None:
+    pre = fit_preconditioner(mlp.store, method)
     for layer in mlp.store.layers:
-        mean_eigenvalue = torch.linalg.eigvalsh(dense_curvature(kind, mlp.store, layer)).mean()
+        mean_eigenvalue = torch.linalg.eigvalsh(dense_curvature(method, mlp.store, layer)).mean()
         assert pre.damping[layer.name] == pytest.approx(0.1 * float(mean_eigenvalue), rel=1e-10)
 
 
@@ -76,9 +76,9 @@ def test_ekfac_is_invariant_to_eigenvector_signs(mlp: Logged) -> None:
     torch.testing.assert_close(other.apply(mlp.queries), pre.apply(mlp.queries), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("kind", ["identity", *KINDS])
-def test_fitting_is_pure_and_apply_mutates_nothing(mlp: Logged, kind: str) -> None:
-    a, b = fit_preconditioner(mlp.store, kind), fit_preconditioner(mlp.store, kind)
+@pytest.mark.parametrize("method", ["identity", *METHODS])
+def test_fitting_is_pure_and_apply_mutates_nothing(mlp: Logged, method: str) -> None:
+    a, b = fit_preconditioner(mlp.store, method), fit_preconditioner(mlp.store, method)
     assert a.damping == b.damping
     for name in a.factors:
         assert a.factors[name].keys() == b.factors[name].keys()
@@ -90,25 +90,27 @@ def test_fitting_is_pure_and_apply_mutates_nothing(mlp: Logged, kind: str) -> No
     assert all(torch.equal(before[n][k], a.factors[n][k]) for n in before for k in before[n])
 
 
-@pytest.mark.parametrize("kind", ["ekfac", "raw"])
-def test_chunk_and_shard_sizes_do_not_change_the_fit(mlp: Logged, tmp_path: pytest.TempPathFactory, kind: str) -> None:
-    reference = fit_preconditioner(mlp.store, kind).apply(mlp.queries)
+@pytest.mark.parametrize("method", ["ekfac", "raw"])
+def test_chunk_and_shard_sizes_do_not_change_the_fit(
+    mlp: Logged, tmp_path: pytest.TempPathFactory, method: str
+) -> None:
+    reference = fit_preconditioner(mlp.store, method).apply(mlp.queries)
     for chunk_rows in (1, 5, 1000):
-        got = fit_preconditioner(mlp.store, kind, chunk_rows=chunk_rows).apply(mlp.queries)
+        got = fit_preconditioner(mlp.store, method, chunk_rows=chunk_rows).apply(mlp.queries)
         torch.testing.assert_close(got, reference, rtol=1e-11, atol=1e-13)
     sharded = log_mlp(tmp_path / "sharded", shard_rows=3, batch=3)
     assert len(sharded.store.manifest.shards) > 1
     torch.testing.assert_close(
-        fit_preconditioner(sharded.store, kind).apply(mlp.queries), reference, rtol=1e-11, atol=1e-13
+        fit_preconditioner(sharded.store, method).apply(mlp.queries), reference, rtol=1e-11, atol=1e-13
     )
 
 
-@pytest.mark.parametrize("kind", ["identity", *KINDS])
-def test_save_load_round_trip(mlp: Logged, tmp_path: pytest.TempPathFactory, kind: str) -> None:
-    pre = fit_preconditioner(mlp.store, kind)
+@pytest.mark.parametrize("method", ["identity", *METHODS])
+def test_save_load_round_trip(mlp: Logged, tmp_path: pytest.TempPathFactory, method: str) -> None:
+    pre = fit_preconditioner(mlp.store, method)
     loaded = load_preconditioner(pre.save(tmp_path / "pre"))
-    assert (loaded.kind, loaded.layers, loaded.damping, loaded.fingerprint) == (
-        pre.kind,
+    assert (loaded.method, loaded.layers, loaded.damping, loaded.fingerprint) == (
+        pre.method,
         pre.layers,
         pre.damping,
         pre.fingerprint,
@@ -203,8 +205,8 @@ def test_true_fisher_uses_the_sampled_labels(tmp_path: pytest.TempPathFactory) -
         return sampled_cross_entropy(logits, gen, mask)
 
     options = {"seed": 7, "batch_size_fn": lambda b: b[0].shape[0], "mask_fn": lambda b: b[1]}
-    ekfac = true_fisher_statistics(model, config, batches, loss_fn, kind="ekfac", **options)
-    raw = true_fisher_statistics(model, config, batches, loss_fn, kind="raw", **options)
+    ekfac = true_fisher_statistics(model, config, batches, loss_fn, method="ekfac", **options)
+    raw = true_fisher_statistics(model, config, batches, loss_fn, method="raw", **options)
     labels = torch.cat(drawn[:3])
     assert all(torch.equal(torch.cat(drawn[3 * p : 3 * p + 3]), labels) for p in range(3))  # every pass drew the same
     with logra.GradientLogger(model, config, store=tmp_path / "ref") as logger:

@@ -11,13 +11,15 @@ import logra
 from logra.precondition import fit_preconditioner
 from logra.score import Scorer
 
-KINDS = ["identity", "kfac", "ekfac", "raw"]
+METHODS = ["identity", "kfac", "ekfac", "raw"]
 NORMALIZATIONS = ["dot", "cosine", "relative"]
 
 
-def reference_scores(logged: Logged, kind: str, damping: dict[str, float], normalization: str = "dot") -> torch.Tensor:
+def reference_scores(
+    logged: Logged, method: str, damping: dict[str, float], normalization: str = "dot"
+) -> torch.Tensor:
     """[Q, N] from the dense inverse: g_qᵀ H⁻¹ g_i, then the normalisation's explicit formula."""
-    h_inv = dense_inverse(kind, logged.store, damping)
+    h_inv = dense_inverse(method, logged.store, damping)
     train = logged.store.rows().to(torch.float64)
     scores = logged.queries @ h_inv @ train.T
     train_self = torch.einsum("nd,de,ne->n", train, h_inv, train)
@@ -30,53 +32,53 @@ def reference_scores(logged: Logged, kind: str, damping: dict[str, float], norma
 
 
 @pytest.mark.parametrize("model", ["mlp", "gpt2"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_scores_equal_the_dense_inverse(request: pytest.FixtureRequest, model: str, kind: str) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_scores_equal_the_dense_inverse(request: pytest.FixtureRequest, model: str, method: str) -> None:
     logged: Logged = request.getfixturevalue(model)
-    pre = fit_preconditioner(logged.store, kind)
-    got = Scorer(logged.store, pre).scores(logged.queries)
+    pre = fit_preconditioner(logged.store, method)
+    got = Scorer(logged.store, pre).score(logged.queries)
     assert got.dtype == torch.float64 and got.shape == (logged.queries.shape[0], len(logged.store))
-    torch.testing.assert_close(got, reference_scores(logged, kind, pre.damping), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, reference_scores(logged, method, pre.damping), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
-@pytest.mark.parametrize("kind", ["kfac", "raw"])
-def test_normalisations_equal_their_formulas(mlp: Logged, kind: str, normalization: str) -> None:
-    pre = fit_preconditioner(mlp.store, kind)
-    got = Scorer(mlp.store, pre, normalization).scores(mlp.queries)
-    torch.testing.assert_close(got, reference_scores(mlp, kind, pre.damping, normalization), rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("method", ["kfac", "raw"])
+def test_normalisations_equal_their_formulas(mlp: Logged, method: str, normalization: str) -> None:
+    pre = fit_preconditioner(mlp.store, method)
+    got = Scorer(mlp.store, pre, normalization).score(mlp.queries)
+    torch.testing.assert_close(got, reference_scores(mlp, method, pre.damping, normalization), rtol=1e-10, atol=1e-12)
 
 
 def test_identity_is_the_plain_dot_product_and_cosine(mlp: Logged) -> None:
     pre = fit_preconditioner(mlp.store, "identity")
     train = mlp.store.rows()
-    torch.testing.assert_close(Scorer(mlp.store, pre).scores(mlp.queries), mlp.queries @ train.T, rtol=1e-13, atol=0)
+    torch.testing.assert_close(Scorer(mlp.store, pre).score(mlp.queries), mlp.queries @ train.T, rtol=1e-13, atol=0)
     cosine = torch.nn.functional.cosine_similarity(mlp.queries[:, None, :], train[None, :, :], dim=-1)
-    torch.testing.assert_close(Scorer(mlp.store, pre, "cosine").scores(mlp.queries), cosine, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(Scorer(mlp.store, pre, "cosine").score(mlp.queries), cosine, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_self_influence_is_the_diagonal_of_pairwise_scores(mlp: Logged, kind: str) -> None:
-    scorer = Scorer(mlp.store, fit_preconditioner(mlp.store, kind))
-    pairwise = scorer.scores(mlp.store)  # the training store as its own query store
+@pytest.mark.parametrize("method", METHODS)
+def test_self_influence_is_the_diagonal_of_pairwise_scores(mlp: Logged, method: str) -> None:
+    scorer = Scorer(mlp.store, fit_preconditioner(mlp.store, method))
+    pairwise = scorer.score(mlp.store)  # the training store as its own query store
     torch.testing.assert_close(scorer.self_influence(), torch.diagonal(pairwise), rtol=1e-12, atol=1e-14)
     assert bool((scorer.self_influence() > 0).all())
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_per_layer_scores_sum_to_the_total(mlp: Logged, kind: str, normalization: str) -> None:
-    scorer = Scorer(mlp.store, fit_preconditioner(mlp.store, kind), normalization)
-    parts = scorer.scores(mlp.queries, by_layer=True)
+@pytest.mark.parametrize("method", METHODS)
+def test_per_layer_scores_sum_to_the_total(mlp: Logged, method: str, normalization: str) -> None:
+    scorer = Scorer(mlp.store, fit_preconditioner(mlp.store, method), normalization)
+    parts = scorer.score(mlp.queries, by_layer=True)
     assert isinstance(parts, dict) and list(parts) == [layer.name for layer in mlp.store.layers]
-    torch.testing.assert_close(sum(parts.values()), scorer.scores(mlp.queries), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sum(parts.values()), scorer.score(mlp.queries), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("chunk_rows", [1, 7, 4096])
 def test_top_k_equals_sorting_the_full_matrix(mlp: Logged, normalization: str, chunk_rows: int) -> None:
     scorer = Scorer(mlp.store, fit_preconditioner(mlp.store, "ekfac"), normalization, chunk_rows=chunk_rows)
-    full = scorer.scores(mlp.queries)
+    full = scorer.score(mlp.queries)
     top = scorer.top_k(mlp.queries, k=5)
     order = torch.argsort(full, dim=1, descending=True)
     ids = mlp.store.ids
@@ -87,38 +89,38 @@ def test_top_k_equals_sorting_the_full_matrix(mlp: Logged, normalization: str, c
     assert torch.equal(top.helpful_rows, order[:, :5])
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_chunk_and_shard_sizes_do_not_change_scores(mlp: Logged, tmp_path: pytest.TempPathFactory, kind: str) -> None:
-    pre = fit_preconditioner(mlp.store, kind)
+@pytest.mark.parametrize("method", METHODS)
+def test_chunk_and_shard_sizes_do_not_change_scores(mlp: Logged, tmp_path: pytest.TempPathFactory, method: str) -> None:
+    pre = fit_preconditioner(mlp.store, method)
     reference = Scorer(mlp.store, pre, "relative", chunk_rows=4096)
-    expected, expected_self = reference.scores(mlp.queries), reference.self_influence()
+    expected, expected_self = reference.score(mlp.queries), reference.self_influence()
     for chunk_rows in (1, 5, 23):
         scorer = Scorer(mlp.store, pre, "relative", chunk_rows=chunk_rows)
-        torch.testing.assert_close(scorer.scores(mlp.queries), expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(scorer.score(mlp.queries), expected, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(scorer.self_influence(), expected_self, rtol=1e-12, atol=1e-14)
     sharded = log_mlp(tmp_path / "sharded", shard_rows=4, batch=2)
     assert len(sharded.store.manifest.shards) == 6 and sharded.store.ids == mlp.store.ids
-    scorer = Scorer(sharded.store, fit_preconditioner(sharded.store, kind), "relative", chunk_rows=3)
-    torch.testing.assert_close(scorer.scores(mlp.queries), expected, rtol=1e-9, atol=1e-12)
+    scorer = Scorer(sharded.store, fit_preconditioner(sharded.store, method), "relative", chunk_rows=3)
+    torch.testing.assert_close(scorer.score(mlp.queries), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_scoring_is_pure(mlp: Logged) -> None:
     scorer = Scorer(mlp.store, fit_preconditioner(mlp.store, "kfac"), "cosine")
     queries = mlp.queries.clone()
-    assert torch.equal(scorer.scores(queries), scorer.scores(queries)) and torch.equal(queries, mlp.queries)
+    assert torch.equal(scorer.score(queries), scorer.score(queries)) and torch.equal(queries, mlp.queries)
 
 
 def test_scores_to_a_memory_map(mlp: Logged, tmp_path: pytest.TempPathFactory) -> None:
     scorer = Scorer(mlp.store, fit_preconditioner(mlp.store, "raw"), chunk_rows=5)
     path = tmp_path / "scores.npy"
-    mapped = scorer.scores(mlp.queries, out=path)
+    mapped = scorer.score(mlp.queries, out=path)
     assert mapped.dtype == torch.float32 and mapped.shape == (4, 24)
-    expected = scorer.scores(mlp.queries)
+    expected = scorer.score(mlp.queries)
     torch.testing.assert_close(mapped.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
     on_disk = np.load(path, mmap_mode="r")
     assert np.array_equal(on_disk, mapped.numpy())
     with pytest.raises(logra.ConfigError, match="by_layer"):
-        scorer.scores(mlp.queries, by_layer=True, out=tmp_path / "x.npy")
+        scorer.score(mlp.queries, by_layer=True, out=tmp_path / "x.npy")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -126,28 +128,28 @@ def test_half_precision_stores_score_like_float32(tmp_path: pytest.TempPathFacto
     full = log_mlp(tmp_path / "f32", dtype="float32", n=60)
     half = log_mlp(tmp_path / dtype, dtype=dtype, n=60)
     assert half.store.dtype.value == dtype
-    for kind in ("kfac", "ekfac", "raw"):
-        a = Scorer(full.store, fit_preconditioner(full.store, kind)).scores(full.queries)
-        b = Scorer(half.store, fit_preconditioner(half.store, kind)).scores(full.queries)
+    for method in ("kfac", "ekfac", "raw"):
+        a = Scorer(full.store, fit_preconditioner(full.store, method)).score(full.queries)
+        b = Scorer(half.store, fit_preconditioner(half.store, method)).score(full.queries)
         assert b.dtype == torch.float32
         corr = float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]).double())[0, 1])
-        assert corr >= 0.99, (kind, corr)
+        assert corr >= 0.99, (method, corr)
 
 
 def test_incompatible_queries_and_preconditioners_are_refused(mlp: Logged, tmp_path: pytest.TempPathFactory) -> None:
     pre = fit_preconditioner(mlp.store, "kfac")
     scorer = Scorer(mlp.store, pre)
     with pytest.raises(logra.ConfigError, match="D=24"):
-        scorer.scores(mlp.queries[:, :-1])
+        scorer.score(mlp.queries[:, :-1])
     with pytest.raises(logra.NonFiniteGradientError, match=r"\[1\]"):
-        scorer.scores(torch.cat([mlp.queries[:1], torch.full_like(mlp.queries[:1], float("nan"))]))
+        scorer.score(torch.cat([mlp.queries[:1], torch.full_like(mlp.queries[:1], float("nan"))]))
     other_seed = logra.LoGraConfig(**{**mlp.config.to_dict(), "seed": 99})
     with pytest.raises(logra.ConfigError, match="another config"):
         Scorer(mlp.store, pre, query_config=other_seed)
     Scorer(mlp.store, pre, query_config=logra.LoGraConfig(**{**mlp.config.to_dict(), "dtype": "bfloat16"}))
     other = log_mlp(tmp_path / "other", seed=99)
     with pytest.raises(logra.ConfigError, match="another config"):
-        scorer.scores(other.store)
+        scorer.score(other.store)
     with pytest.raises(logra.ConfigError, match="preconditioner"):
         Scorer(mlp.store, fit_preconditioner(other.store, "identity"))
     with pytest.raises(logra.ConfigError, match="normalization"):
@@ -169,9 +171,9 @@ def test_query_logger_of_another_model_is_refused_unless_asked(mlp: Logged) -> N
 
 def test_float32_compute_on_a_float64_store(mlp: Logged) -> None:
     pre = fit_preconditioner(mlp.store, "ekfac")
-    exact = Scorer(mlp.store, pre).scores(mlp.queries)
+    exact = Scorer(mlp.store, pre).score(mlp.queries)
     fast = Scorer(mlp.store, pre, compute_dtype=torch.float32, chunk_rows=7)
-    got = fast.scores(mlp.queries)
+    got = fast.score(mlp.queries)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
     with pytest.raises(logra.ConfigError, match="compute_dtype"):

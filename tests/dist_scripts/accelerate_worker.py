@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from common import CONFIG, N_TRAIN, log_batches, model, query_rows
-from logra.integrations.accelerate import accelerate_logger, share
 
 import logra
 from logra import distributed
+from logra.integrations.accelerate import accelerate_logger, share
 from logra.precondition import fit_preconditioner
 
 
@@ -36,11 +36,11 @@ def main() -> None:
     if accelerator.is_main_process:
         torch.save({
             "world": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-            "wrapper": type(prepared).__name__, "queries": queries, "kfac": scorer.scores(queries),
+            "wrapper": type(prepared).__name__, "queries": queries, "kfac": scorer.score(queries),
             "top_ids": top.helpful_ids, "top_scores": top.helpful_scores,
         }, out / "results.pt")  # fmt: skip
     else:
-        scorer.scores(queries)  # every rank takes part in the gather
+        scorer.score(queries)  # every rank takes part in the gather
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from common import CONFIG, N_TRAIN, hf_dataset, hf_trainer, log_batches, model, query_rows
-from logra.integrations.hf import log_trainer
 from torch.nn.parallel import DistributedDataParallel
 
 import logra
 from logra import distributed
+from logra.integrations.hf import log_trainer
 from logra.precondition import fit_preconditioner
 
 
@@ -36,8 +36,8 @@ def plain(out: Path, results: dict) -> None:
     cosine = distributed.DistributedScorer(store, ekfac, "cosine")
     top = kfac.top_k(queries, 4)
     results["plain"] = {
-        "queries": queries, "ids": list(store.ids), "kfac": kfac.scores(queries),
-        "ekfac_cosine": cosine.scores(queries),
+        "queries": queries, "ids": list(store.ids), "kfac": kfac.score(queries),
+        "ekfac_cosine": cosine.score(queries),
         "self": kfac.self_influence(), "top_ids": top.helpful_ids, "top_scores": top.helpful_scores,
         "bottom_ids": top.harmful_ids, "bottom_scores": top.harmful_scores, "shards": list(kfac.shards),
     }  # fmt: skip

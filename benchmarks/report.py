@@ -1,0 +1,350 @@
+"""Turn benchmarks/results/*.json into the results section of the READMEs.
+
+Reads `throughput`, `e2e` and `accuracy` results (of each, the newer of the `*_peers` file written by
+`make bench-peers` and the logra-only file of `make bench`), and writes a markdown
+section with the date, versions and machine, one table per measurement, the issue's targets
+with what was reached, and where a peer wins. The section replaces the text between
+`<!-- BENCHMARKS:START -->` and `<!-- BENCHMARKS:END -->` in each file given with --write
+(default: benchmarks/README.md, and README.md when it has the markers).
+
+    .venv/bin/python benchmarks/report.py            # print and write the section
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
+
+
+OURS = ("logra", "logra-kfac", "logra-ekfac", "logra, no projection", "gradient dot product")
+
+
+def load(name: str, results: Path = HERE / "results") -> dict[str, Any] | None:
+    """results/<name>_peers.json (make bench-peers) with logra's rows from results/<name>.json (make
+    bench) when that file is newer; either file alone when only one exists.
+
+    Every time figure is a ratio to a bare pass measured in the same process, so rows from two
+    runs stay comparable; the header then names both dates (`machine["logra_rows"]`).
+    """
+    peers_path, ours_path = results / f"{name}_peers.json", results / f"{name}.json"
+    if not peers_path.exists():
+        return json.loads(ours_path.read_text()) if ours_path.exists() else None
+    merged = json.loads(peers_path.read_text())
+    if ours_path.exists() and ours_path.stat().st_mtime > peers_path.stat().st_mtime:
+        ours = json.loads(ours_path.read_text())
+        merged["rows"] = ours["rows"] + [r for r in merged["rows"] if r["tool"] not in OURS]
+        merged["machine"] = {**merged["machine"], "logra_rows": ours["machine"]["date"]}
+    return merged
+
+
+def header(m: dict[str, Any]) -> str:
+    v = m["versions"]
+    peers = ", ".join(f"{k} {v[k]}" for k in ("logix-ai", "kronfluence", "traker") if v.get(k, "-") != "-")
+    return (
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), Python {m['python']}, "
+        f"torch {v['torch']} (CPU, {m['threads']} thread), transformers {v['transformers']}, logra {v['logra']}"
+        + (f"; peers: {peers}" if peers else "; peers not installed")
+        + "."
+        + (f" logra's own rows were re-measured on {m['logra_rows']} by `make bench`." if "logra_rows" in m else "")
+    )
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def throughput_table(t: dict[str, Any]) -> list[str]:
+    lines = [
+        "| tool | k | statistics | weight grads | time / bare | tokens/s | peak MiB (bare) | bytes/example |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in t["rows"]:
+        tool = {"logra": "logra", "logix": "LogIX", "trak": f"TRAK (proj_dim {r.get('proj_dim', '?')})"}[r["tool"]]
+        stats = {
+            "logra": "yes" if r.get("statistics") else "no",
+            "logix": "KFAC" if r.get("hessian") == "kfac" else "no",
+            "trak": "–",
+        }[r["tool"]]
+        grads = {"logra": "yes" if r.get("param_grads") else "no", "logix": "no", "trak": "–"}[r["tool"]]
+        if "error" in r:
+            lines.append(f"| {tool} | {r['k']} | {stats} | {grads} | did not run: {r['error'][:160]} | | | |")
+            continue
+        lines.append(
+            f"| {tool} | {r['k']} | {stats} | {grads} | {r['time_ratio']:.2f} | {r['tokens_per_s']:.0f} "
+            f"| {r['tool_peak_mib']:.0f} ({r['bare_peak_mib']:.0f}) | {r['bytes_per_example']:,.0f} |"
+        )
+    return lines
+
+
+def e2e_table(e: dict[str, Any]) -> list[str]:
+    more = sorted({int(q) for r in e["rows"] for q in r.get("more", {})})
+    lines = [
+        "| tool | phases (CPU s) | total × N·bare | peak memory / bare | "
+        + " | ".join(f"+{q} queries × N·bare" for q in more)
+        + " |",
+        "| --- | --- | --- | --- |" + " --- |" * len(more),
+    ]
+    for r in e["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['tool']} | did not run: {r['error'][:200]} | | |" + " |" * len(more))
+            continue
+        phases = ", ".join(
+            f"{k[:-2]} {v:.1f}" for k, v in r.items() if k.endswith("_s") and k not in ("bare_s", "total_s")
+        )
+        extra = " | ".join(fmt(r["more"].get(str(q), {}).get("n_bare")) for q in more)
+        lines.append(
+            f"| {r['tool']} | {phases} | {r['cost_n_bare']:.2f} | {r['peak_ratio']:.2f} "
+            f"({r['peak_mib']:.0f} / {r['bare_peak_mib']:.0f} MiB) | {extra} |"
+        )
+    return lines
+
+
+def query_sets(e: dict[str, Any], sets: tuple[int, ...] = (1, 4, 16, 64)) -> list[str]:
+    """Cost of scoring m query sets of Q arriving one after another: first run + (m-1) x marginal."""
+    rows = {r["tool"]: r for r in e["rows"] if "error" not in r and str(e["q"]) in r.get("more", {})}
+    if "logra-ekfac" not in rows or "kronfluence-ekfac" not in rows:
+        return []
+    q = e["q"]
+    lines = [
+        f"| query sets of {q} | " + " | ".join(rows) + " | Kronfluence / logra-ekfac |",
+        "| --- |" + " --- |" * (len(rows) + 1),
+    ]
+    for m in sets:
+        cost = {t: r["cost_n_bare"] + (m - 1) * r["more"][str(q)]["n_bare"] for t, r in rows.items()}
+        ratio = cost["kronfluence-ekfac"] / cost["logra-ekfac"]
+        lines.append(
+            f"| {m} ({m * q} queries) | " + " | ".join(f"{c:.2f}" for c in cost.values()) + f" | {ratio:.1f}× |"
+        )
+    return lines
+
+
+def storage_lines(t: dict[str, Any] | None, e: dict[str, Any] | None) -> list[str]:
+    """Bytes on disk per training example (3): each tool without statistics, and what e2e left."""
+    lines = ["| tool | setting | bytes / example |", "| --- | --- | --- |"]
+    for r in (t or {}).get("rows", []):
+        if "error" in r or r.get("statistics") or r.get("param_grads") or r.get("hessian") == "kfac":
+            continue
+        setting = f"proj_dim {r['proj_dim']}" if r["tool"] == "trak" else f"k={r['k']}"
+        lines.append(f"| {r['tool']} | {setting}, {r['batches'] * 8} examples | {r['bytes_per_example']:,.0f} |")
+    for r in (e or {}).get("rows", []):
+        if "error" not in r:
+            per = f"{r['stored_bytes'] / e['n']:,.0f}"
+            if r["tool"].startswith("kron"):
+                per = "0 (recomputes training gradients for every query set)"
+            total = f"{r['stored_bytes'] / 2**20:,.0f} MiB in all"
+            setting = f"end to end, k={e['k']}, N={e['n']}, with statistics / factors"
+            lines.append(f"| {r['tool']} | {setting} | {per} ({total}) |")
+    return lines if len(lines) > 2 else []
+
+
+def accuracy_tables(a: dict[str, Any]) -> list[str]:
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in a["rows"]):
+        r0 = a["recipes"][task]
+        lines += [
+            "",
+            f"**{task}** ({r0['n_train']} training examples, {r0['n_query']} queries, {r0['n_subsets']} "
+            f"subsets of {r0['fraction']:.0%} x {r0['seeds']} seeds):",
+            "",
+            "| method | k | floats stored / example | LDS (mean ± sd over seeds) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in a["rows"]:
+            if r["task"] != task:
+                continue
+            name = (
+                r["tool"]
+                if r["tool"] in ("gradient dot product", "TRAK (1 model)")
+                else f"{r['tool']} {r.get('method', '')}"
+            )
+            k = "full" if r["k"] is None else r["k"]
+            if "error" in r:
+                lines.append(f"| {name} | {k} | | did not run: {r['error'][:160]} |")
+            else:
+                spread = f" ± {r['lds_std']:.3f}" if r.get("lds_std") is not None else ""
+                lines.append(f"| {name} | {k} | {r['row_floats']:,} | {r['lds']:.3f}{spread} |")
+    return lines
+
+
+def lds(a: dict[str, Any], task: str, tool: str, method: str | None, k: int | None) -> float | None:
+    for r in a["rows"]:
+        if r["task"] == task and r["tool"] == tool and r.get("method") == method and r["k"] == k and "lds" in r:
+            return float(r["lds"])
+    return None
+
+
+def targets(t: dict | None, e: dict | None, a: dict | None) -> list[str]:
+    """The issue's targets for logra, each with the measured value and whether it is met."""
+    out = []
+
+    def line(text: str, value: str, ok: bool | None) -> None:
+        out.append(f"| {text} | {value} | {'–' if ok is None else ('met' if ok else '**not met**')} |")
+
+    if t:
+        by = {(r["tool"], r["k"], r.get("statistics"), r.get("param_grads"), r.get("hessian")): r for r in t["rows"]}
+        for k in sorted({r["k"] for r in t["rows"] if r["tool"] == "logix"}):
+            ours, theirs = by.get(("logra", k, True, False, None)), by.get(("logix", k, None, None, "kfac"))
+            if ours and theirs and "error" not in ours and "error" not in theirs:
+                speedup = theirs["time_ratio"] / ours["time_ratio"]  # each over its own bare pass
+                line(
+                    f"logging with statistics ≥ 1.5× LogIX KFAC throughput (k={k}, weight grads off)",
+                    f"{speedup:.2f}×",
+                    speedup >= 1.5,
+                )
+    if e:
+        for r in e["rows"]:
+            if r["tool"].startswith("logra") and "error" not in r:
+                line(f"{r['tool']}: end to end ≤ 1.5× N·bare", f"{r['cost_n_bare']:.2f}×", r["cost_n_bare"] <= 1.5)
+                line(f"{r['tool']}: peak memory ≤ 1.2× bare", f"{r['peak_ratio']:.2f}×", r["peak_ratio"] <= 1.2)
+                for q, m in r.get("more", {}).items():
+                    line(
+                        f"{r['tool']}: scoring {q} more queries < one pass over the corpus",
+                        f"{m['n_bare']:.2f} N·bare",
+                        m["n_bare"] < 1.0,
+                    )
+    if a:
+        for task in dict.fromkeys(r["task"] for r in a["rows"]):
+            for fisher, name in (("true Fisher", "Kronfluence"), ("empirical Fisher", "Kronfluence, empirical Fisher")):
+                kron = lds(a, task, name, "ekfac", None)
+                for method in ("kfac", "ekfac"):
+                    ours = lds(a, task, "logra", method, 64)
+                    if ours is not None and kron is not None:
+                        line(
+                            f"{task}: logra {method} LDS at k=64 within 0.02 of Kronfluence EK-FAC ({fisher})",
+                            f"{ours:.3f} vs {kron:.3f}",
+                            ours >= kron - 0.02,
+                        )
+            for r in a["rows"]:
+                if r["task"] == task and r["tool"].startswith("TRAK") and "lds" in r:
+                    ours = lds(a, task, "logra", "ekfac", r["k"])
+                    if ours is not None:
+                        line(
+                            f"{task}: logra ekfac above single-model TRAK at equal storage (k={r['k']})",
+                            f"{ours:.3f} vs {r['lds']:.3f}",
+                            ours > r["lds"],
+                        )
+    return (["| target | measured | |", "| --- | --- | --- |"] + out) if out else []
+
+
+def peer_wins(t: dict | None, e: dict | None, a: dict | None) -> list[str]:
+    """Plain sentences for every comparison a peer wins."""
+    wins = []
+    if t:
+        ours = {r["k"]: r for r in t["rows"] if r["tool"] == "logra" and r.get("statistics") and "error" not in r}
+        for r in t["rows"]:
+            if r["tool"] == "logix" and "error" not in r and r["k"] in ours:
+                same_k = [x for x in t["rows"] if x["tool"] == "logra" and x["k"] == r["k"] and "time_ratio" in x]
+                best = min(x["time_ratio"] for x in same_k)
+                if r["time_ratio"] < best:
+                    wins.append(f"LogIX ({r['hessian']}, k={r['k']}) logs faster than every logra mode at that k.")
+    if e:
+        rows = [r for r in e["rows"] if "error" not in r]
+        for r in rows:
+            if not r["tool"].startswith("logra"):
+                if r["cost_n_bare"] < min(x["cost_n_bare"] for x in rows if x["tool"].startswith("logra")):
+                    wins.append(f"{r['tool']} is cheaper end to end than logra.")
+                if r["peak_ratio"] < min(x["peak_ratio"] for x in rows if x["tool"].startswith("logra")):
+                    wins.append(f"{r['tool']} peaks lower in memory than logra ({r['peak_ratio']:.2f}× bare).")
+    if a:
+        for r in a["rows"]:
+            if r["tool"].startswith(("Kronfluence", "LogIX", "TRAK")) and "lds" in r:
+                k = 64 if r["k"] is None else r["k"]
+                ours = max(
+                    (
+                        x["lds"]
+                        for x in a["rows"]
+                        if x["task"] == r["task"] and x["tool"] == "logra" and x["k"] == k and "lds" in x
+                    ),
+                    default=None,
+                )
+                if ours is not None and r["lds"] > ours:
+                    wins.append(
+                        f"{r['task']}: {r['tool']} {r.get('method', '')} (LDS {r['lds']:.3f}) beats the best "
+                        f"logra method at k={k} ({ours:.3f})."
+                    )
+    return [f"- {w}" for w in wins] or ["- No peer wins any of the comparisons above in this run."]
+
+
+def section(results: Path = HERE / "results") -> str:
+    t, e, a = (load(name, results) for name in ("throughput", "e2e", "accuracy"))
+    any_result = next((x for x in (t, e, a) if x), None)
+    if any_result is None:
+        return "No results yet: run `make bench` or `make bench-peers`."
+    out = [header(any_result["machine"]), ""]
+    if t:
+        shape = t["model"]
+        out += [
+            f"**1. Logging throughput** — Llama-shaped model ({shape['num_hidden_layers']} layers, width "
+            f"{shape['hidden_size']}, vocabulary {shape['vocab_size']}), batches of {t['batch'][0]} × {t['batch'][1]} "
+            "tokens, 28 decoder Linear layers logged; CPU time over a bare forward+backward of the same batches "
+            "(median of interleaved rounds); bytes/example = everything left on disk / examples.",
+            "",
+            *throughput_table(t),
+            "",
+        ]
+    if e:
+        out += [
+            f"**2. End to end** — from the unprepared model to the {e['q']} × {e['n']} score matrix (k={e['k']}), "
+            "in units of N·bare (one bare forward+backward over the N training sequences, same process); then "
+            "the marginal cost of scoring more query sets against the same data.",
+            "",
+            *e2e_table(e),
+            "",
+        ]
+        sets = query_sets(e)
+        if sets:
+            out += [
+                "Query sets arriving one after another (first run + marginal cost per further set, in N·bare, "
+                "from the measured phases above):",
+                "",
+                *sets,
+                "",
+            ]
+    storage = storage_lines(t, e)
+    if storage:
+        out += ["**3. Storage** — bytes on disk per training example (rows, ids, manifest; statistics or "
+                "factors where stated).", "", *storage, ""]  # fmt: skip
+    if a:
+        out += [
+            "**4. Accuracy** — LDS (Spearman, mean over queries) against retraining on random subsets; "
+            "recipes in `benchmarks/tasks.py`, ground truth cached in `benchmarks/cache/`.",
+            *accuracy_tables(a),
+            "",
+        ]
+    tg = targets(t, e, a)
+    if tg:
+        out += ["**Targets of issue 7**", "", *tg, ""]
+    out += ["**Where a peer wins**", "", *peer_wins(t, e, a)]
+    return "\n".join(out)
+
+
+def write(path: Path, text: str) -> bool:
+    if not path.exists():
+        return False
+    current = path.read_text()
+    if START not in current or END not in current:
+        return False
+    before, rest = current.split(START, 1)
+    _, after = rest.split(END, 1)
+    path.write_text(f"{before}{START}\n{text}\n{END}{after}")
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", nargs="*", type=Path, default=[HERE / "README.md", HERE.parent / "README.md"])
+    args = parser.parse_args()
+    text = section()
+    print(text)
+    for path in args.write:
+        if write(path, text):
+            print(f"\n(wrote {path})")
+
+
+if __name__ == "__main__":
+    main()

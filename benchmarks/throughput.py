@@ -1,0 +1,130 @@
+"""Logging throughput and storage: logra vs LogIX's LoGra logging vs TRAK's featurisation.
+
+On the Llama-shaped model of `bench_common.py` (4 x 256, batches of 8 x 128 tokens, one thread), each
+configuration runs in its own process: `--rounds` interleaved rounds of a bare forward+backward
+over `--batches` batches and the tool's logging pass over the same batches; the reported time
+ratio is the median of (tool CPU time / bare CPU time). Setup that happens once per run (LogIX
+wrapping the layers in LoRA modules, TRAK building its projector) is not timed; writing the
+rows to disk is. Peak memory is the process's VmHWM during each loop (absolute, MiB), and
+storage is the bytes the tool left on disk divided by the number of examples.
+
+    .venv/bin/python benchmarks/throughput.py                   # logra only (make bench)
+    .venv-peers/bin/python benchmarks/throughput.py --peers     # with LogIX and TRAK (make bench-peers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from typing import Any
+
+import bench_common as common
+from peers import Workload, fresh, logix_log, logix_setup, logra_config, logra_log, trak_featurize
+
+
+def configs(k_values: list[int], peers: bool, trak_k: int) -> list[dict[str, Any]]:
+    """The configurations to measure: logra's four modes per k, then LogIX per k, then TRAK."""
+    out = [
+        {"tool": "logra", "k": k, "statistics": s, "param_grads": p}
+        for k in k_values
+        for s in (True, False)
+        for p in (False, True)
+    ]
+    if peers:
+        out += [{"tool": "logix", "k": k, "hessian": h} for k in k_values for h in ("kfac", "none")]
+        out += [{"tool": "trak", "k": trak_k}]
+    return out
+
+
+def tool_pass(spec: dict[str, Any], w: Workload, root: str) -> tuple[Any, Any]:
+    """(setup(): state, run(state)) of one configuration; only `run` is timed."""
+    if spec["tool"] == "logra":
+        cfg = logra_config(w, spec["k"])
+        return (lambda: None), (lambda _: logra_log(w, cfg, root, spec["statistics"], spec["param_grads"]))
+    if spec["tool"] == "logix":
+
+        def setup_logix() -> tuple[Workload, Any]:
+            copy = fresh(w)
+            return copy, logix_setup(copy, spec["k"], spec["hessian"], tempfile.mkdtemp(dir=root))
+
+        return setup_logix, (lambda state: logix_log(*state))
+    if spec["tool"] == "trak":
+        dim = spec["proj_dim"]
+
+        def setup_trak() -> Workload:
+            return fresh(w)
+
+        return setup_trak, (lambda copy: trak_featurize(copy, dim, tempfile.mkdtemp(dir=root)))
+    raise SystemExit(f"unknown tool {spec['tool']!r}")
+
+
+def child(spec: dict[str, Any], n_batches: int, rounds: int) -> dict[str, Any]:
+    common.set_threads()
+    model = common.llama()
+    batches = common.token_batches(n_batches * common.BATCH)
+    w = Workload(model, common.LOGGED, "lm", [(b,) for b in batches])
+    if spec["tool"] == "trak":  # TRAK projects to the width of a logra row at the same k: equal storage
+        spec["proj_dim"] = len(common.LOGGED) * spec["k"] ** 2
+    common.bare_pass(model, batches[:1])  # warm-up
+    ratios, bare_s, tool_s, bare_mem, tool_mem, stored = [], [], [], [], [], 0
+    for _ in range(rounds):
+        _, tb, mb = common.measured(lambda: common.bare_pass(model, batches))
+        with tempfile.TemporaryDirectory(prefix="logra-bench-") as root:
+            setup, run = tool_pass(spec, w, root)
+            state = setup()
+            _, tt, mt = common.measured(lambda run=run, state=state: run(state))
+            stored = common.dir_bytes(root)
+        ratios.append(tt / tb)
+        bare_s.append(tb)
+        tool_s.append(tt)
+        bare_mem.append(mb)
+        tool_mem.append(mt)
+    tokens = n_batches * common.BATCH * common.SEQ
+    return {
+        **spec,
+        "time_ratio": statistics.median(ratios),
+        "bare_s": statistics.median(bare_s),
+        "tool_s": statistics.median(tool_s),
+        "tokens_per_s": tokens / statistics.median(tool_s),
+        "examples_per_s": n_batches * common.BATCH / statistics.median(tool_s),
+        "bare_peak_mib": max(bare_mem),
+        "tool_peak_mib": max(tool_mem),
+        "bytes_per_example": stored / (n_batches * common.BATCH),
+        "rounds": rounds,
+        "batches": n_batches,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", action="store_true", help="also LogIX and TRAK (needs .venv-peers)")
+    parser.add_argument("--k", type=int, nargs="*", default=[8, 64])
+    parser.add_argument("--trak-k", type=int, default=8, help="TRAK's proj_dim = the logra row width at this k")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trak-rounds", type=int, default=1)
+    parser.add_argument("--out", default="throughput", help="results/<out>.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(child(spec, args.batches, args.rounds)))
+        return
+    rows = []
+    for spec in configs(args.k, args.peers, args.trak_k):
+        rounds = args.trak_rounds if spec["tool"] == "trak" else args.rounds
+        batches = 1 if spec["tool"] == "trak" else args.batches
+        result = common.run_child(
+            "throughput.py", [json.dumps(spec), "--batches", str(batches), "--rounds", str(rounds)]
+        )
+        rows.append({**spec, **result})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    path = common.save(args.out, {"model": common.LLAMA, "batch": [common.BATCH, common.SEQ], "rows": rows})
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The `logra` command line: log, fit, score, self-influence, report, verify.
+
+    logra log --model MODEL_DIR --data train.jsonl --out runs/train --modules '*mlp*' --k 16
+    logra fit runs/train --method kfac
+    logra score --store runs/train --queries queries.jsonl --top-k 5 --out topk.csv --matrix scores.npy
+    logra self-influence --store runs/train --out self.csv
+    logra report --scores scores.npy --out report.html
+    logra verify runs/train
+
+`log` saves the model and encoding settings beside the store (`logra-cli.json`), so `score`
+encodes queries exactly as the training data was encoded. Every error logra raises on purpose is
+printed as one message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from logra.cli_commands import cmd_fit, cmd_log, cmd_report, cmd_score, cmd_self_influence, cmd_verify
+from logra.errors import LograError
+
+# --------------------------------------------------------------------------------------------
+# Parser.
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one and the help text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _model_options(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("model and encoding" + ("" if required else " (default: as logged with the store)"))
+    g.add_argument(
+        "--model",
+        required=required,
+        help="Hugging Face model directory, a config.json (fresh weights), or a .gguf file",
+    )
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
+    g.add_argument("--task", choices=["causal-lm", "classification"], help="default: from the model's architecture")
+    g.add_argument(
+        "--model-dtype",
+        choices=["float32", "float64", "bfloat16", "float16"],
+        default=None if not required else "float32",
+        help="dtype the model runs in",
+    )
+    g.add_argument("--init-seed", type=int, help="seed of the weights of a model built from a config.json")
+    g.add_argument(
+        "--max-length", type=int, default=None if not required else 512, help="tokens per example (truncated)"
+    )
+    g.add_argument(
+        "--token-reduction",
+        choices=["mean", "sum"],
+        default=None if not required else "mean",
+        help="an LM example's loss: mean (default) or sum of its token losses",
+    )
+    g.add_argument("--text-field", default=None if not required else "text", help="the text column")
+    g.add_argument("--prompt-field", help="causal LM: a column of context tokens that are not loss targets")
+    g.add_argument("--label-field", help="classification: the label column")
+    g.add_argument("--id-field", help="the example id column (default: the row number)")
+    g.add_argument("--split", help="the split of a DatasetDict folder")
+    g.add_argument("--limit", type=int, help="use only the first N examples")
+    g.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward (does not change results)")
+
+
+def _precondition_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preconditioner")
+    g.add_argument(
+        "--preconditioner", help="a directory written by `logra fit` (default: STORE/preconditioner-METHOD if present)"
+    )
+    g.add_argument(
+        "--method", choices=["identity", "kfac", "ekfac", "raw"], default="kfac", help="curvature approximation"
+    )
+    g.add_argument("--damping", type=float, help="λ (default: 0.1 x the mean eigenvalue of each layer)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logra", description="LoGra influence functions: which training examples made the model say what it said."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = _Formatter
+
+    p = sub.add_parser("log", help="log projected per-example gradients of a dataset into a store", formatter_class=fmt)
+    p.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.parquet file or a save_to_disk folder")
+    p.add_argument("--out", required=True, help="the store directory")
+    _model_options(p, required=True)
+    g = p.add_argument_group("what to log")
+    g.add_argument(
+        "--modules", nargs="+", help="fnmatch patterns of layer names, e.g. '*mlp*' (default: every Linear/Conv1D)"
+    )
+    g.add_argument("--exclude", nargs="+", help="patterns of layers to leave out, e.g. lm_head")
+    g.add_argument("--k", type=int, default=64, help="projection size k_in = k_out")
+    g.add_argument("--k-in", type=int, help="input-side projection size (overrides --k)")
+    g.add_argument("--k-out", type=int, help="output-side projection size (overrides --k)")
+    g.add_argument("--init", default="gaussian", choices=["gaussian", "rademacher", "orthogonal", "identity"])
+    g.add_argument("--seed", type=int, default=0, help="seed of the projections")
+    g.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"], help="storage dtype"
+    )
+    g.add_argument("--include-bias", action="store_true", help="log bias gradients too")
+    g.add_argument("--nonfinite", default="raise", choices=["raise", "skip"], help="on a NaN/Inf gradient")
+    g.add_argument("--shard-rows", type=int, help="rows per shard (default: 256 MiB shards)")
+    g.add_argument("--no-statistics", action="store_true", help="do not accumulate KFAC statistics")
+    g.add_argument("--resume", action="store_true", help="continue a store, skipping the examples it holds")
+    p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("fit", help="fit a preconditioner on a store and save it", formatter_class=fmt)
+    p.add_argument("store", help="the store directory")
+    p.add_argument(
+        "--method", choices=["identity", "kfac", "ekfac", "raw"], default="kfac", help="curvature approximation"
+    )
+    p.add_argument("--damping", type=float, help="λ (default: 0.1 x the mean eigenvalue of each layer)")
+    p.add_argument("--out", help="output directory (default: STORE/preconditioner-METHOD)")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser(
+        "score", help="score queries against a store: top-k table and/or the full matrix", formatter_class=fmt
+    )
+    p.add_argument("--store", required=True, help="the training store (from `logra log`)")
+    p.add_argument("--queries", required=True, help="a dataset of queries, read like `log --data`")
+    p.add_argument("--out", help="top-k table: .csv, .jsonl or .parquet")
+    p.add_argument("--matrix", help="all scores [Q, N] as .npy (ids in FILE.json)")
+    p.add_argument("--top-k", type=int, default=10, help="helpful and harmful examples per query in --out")
+    p.add_argument(
+        "--normalization",
+        choices=["dot", "cosine", "relative"],
+        default="dot",
+        help="dot: g_qᵀH⁻¹g_i; cosine: both normalised; relative: by the training example's norm",
+    )
+    p.add_argument("--chunk-rows", type=int, default=4096, help="training rows per matmul")
+    _model_options(p, required=False)
+    _precondition_options(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("self-influence", help="g_iᵀ H⁻¹ g_i of every training example", formatter_class=fmt)
+    p.add_argument("--store", required=True, help="the training store (from `logra log`)")
+    p.add_argument("--out", required=True, help=".csv, .jsonl, .parquet or .npy")
+    p.add_argument("--show", type=int, default=10, help="print the N largest")
+    _precondition_options(p)
+    p.set_defaults(func=cmd_self_influence)
+
+    p = sub.add_parser(
+        "report", help="write the HTML report of a score matrix and print a summary", formatter_class=fmt
+    )
+    p.add_argument("--scores", required=True, help="the .npy written by `logra score --matrix`")
+    p.add_argument("--out", required=True, help="the .html file")
+    p.add_argument("--store", help="default: the store the scores were computed on")
+    p.add_argument("--data", help="the training texts (default: the dataset the store was logged from)")
+    p.add_argument("--queries", help="default: the query file that was scored")
+    p.add_argument("--top-k", type=int, default=5, help="helpful and harmful documents per query in the page")
+    p.add_argument("--show", type=int, default=3, help="documents per query in the printed summary")
+    p.add_argument("--title", default="logra influence report")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("verify", help="check every checksum of a store", formatter_class=fmt)
+    p.add_argument("store", help="the store directory")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 a logra error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except LograError as exc:
+        print(f"logra {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"logra {args.command}: interrupted (committed shards are kept; rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

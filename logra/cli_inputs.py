@@ -1,0 +1,341 @@
+"""Inputs of the `logra` command line: local Hugging Face models and datasets, encoded into batches.
+
+This module is used only by `logra.cli`; it imports transformers and datasets lazily, inside the
+functions that need them, so `import logra` stays free of them. It turns
+
+- a model (a Hugging Face model directory, a `config.json` for a freshly initialised model, or a
+  `.gguf` file) and its tokenizer,
+- a local dataset (`.jsonl`/`.json`, `.csv`, `.parquet`, or a `save_to_disk` folder) with a text
+  field, an optional prompt field (causal LM: prompt tokens are context, not targets), an optional
+  label field (classification) and an optional id field,
+
+into padded batches and the per-example losses L_i (`logra.losses`) whose sum the CLI
+backpropagates inside `GradientLogger.record()`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from logra.errors import ConfigError, LograError
+from logra.logger import GradientLogger
+from logra.losses import IGNORE_INDEX, TokenReduction, causal_lm_loss, sequence_classification_loss
+from logra.store import ExampleId
+
+SETTINGS_FILE = "logra-cli.json"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class InputError(LograError, ValueError):
+    """A model, tokenizer or dataset given to the command line cannot be used as asked."""
+
+
+class Task(str, enum.Enum):
+    """causal-lm: next-token loss on the text.  classification: cross-entropy on the label field."""
+
+    CAUSAL_LM = "causal-lm"
+    CLASSIFICATION = "classification"
+
+
+@dataclass
+class ModelSettings:
+    """How to build the model and turn texts into losses; saved beside a store as `logra-cli.json`
+    so that `logra score` encodes queries exactly as `logra log` encoded the training data."""
+
+    model: str
+    tokenizer: str | None = None
+    task: str | None = None  # None: from the model's architecture
+    model_dtype: str = "float32"
+    init_seed: int = 0  # seeds the weights of a model built from a config.json
+    max_length: int = 512
+    token_reduction: str = TokenReduction.MEAN.value
+    text_field: str = "text"
+    prompt_field: str | None = None
+    label_field: str | None = None
+    id_field: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: Path) -> None:
+        tmp = directory / (SETTINGS_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
+        os.replace(tmp, directory / SETTINGS_FILE)
+
+    @classmethod
+    def load(cls, directory: Path) -> ModelSettings | None:
+        path = directory / SETTINGS_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: unreadable command-line settings ({exc}); delete it and pass --model.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Models.
+
+
+def load_model(settings: ModelSettings) -> tuple[nn.Module, Any, Task]:
+    """(model in eval mode with frozen parameters, tokenizer, task) from `settings`."""
+    import transformers
+
+    source = Path(settings.model)
+    dtype = _DTYPES.get(settings.model_dtype)
+    if dtype is None:
+        raise InputError(f"--model-dtype {settings.model_dtype!r} is not one of {', '.join(_DTYPES)}.")
+    task = Task(settings.task) if settings.task else None
+    tok_source = settings.tokenizer
+    if source.is_file() and source.suffix == ".gguf":
+        kwargs: dict[str, Any] = {"gguf_file": source.name}
+        source, tok_source = source.parent, tok_source or str(source)
+    elif source.is_file() and source.suffix == ".json":
+        kwargs = {}
+    elif source.is_dir() and (source / "config.json").is_file():
+        kwargs = {}
+    else:
+        raise InputError(
+            f"--model {settings.model!r} is neither a Hugging Face model directory (with config.json), a config "
+            "file (*.json) nor a *.gguf file. Pass a local path: nothing is downloaded."
+        )
+    try:
+        if "gguf_file" in kwargs:
+            config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+        elif source.is_file():
+            raw = json.loads(source.read_text(encoding="utf-8"))
+            if "model_type" not in raw:
+                raise InputError(f"{source} has no 'model_type'; it is not a Hugging Face config.json.")
+            config = transformers.AutoConfig.for_model(**raw)
+        else:
+            config = transformers.AutoConfig.from_pretrained(source)
+        task = task or _task_of(config)
+        auto = (
+            transformers.AutoModelForCausalLM
+            if task is Task.CAUSAL_LM
+            else transformers.AutoModelForSequenceClassification
+        )
+        if source.is_file() and "gguf_file" not in kwargs:
+            if tok_source is None:
+                raise InputError(f"--model {source} is a config without a tokenizer; pass --tokenizer DIR.")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(settings.init_seed)
+                model = auto.from_config(config, dtype=dtype)
+        else:
+            model = auto.from_pretrained(source, dtype=dtype, **kwargs)
+        tokenizer = _load_tokenizer(transformers, tok_source or str(source), kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        if isinstance(exc, LograError):
+            raise
+        raise InputError(f"cannot load the model {settings.model!r}: {type(exc).__name__}: {exc}") from None
+    model.eval()
+    model.requires_grad_(False)  # logging needs activation gradients only: backward skips weight gradients
+    return model, tokenizer, task
+
+
+def _task_of(config: Any) -> Task:
+    names = " ".join(getattr(config, "architectures", None) or [])
+    if "SequenceClassification" in names:
+        return Task.CLASSIFICATION
+    if "CausalLM" in names or "LMHead" in names or not names:
+        return Task.CAUSAL_LM
+    raise InputError(f"cannot tell the task of a {names} model; pass --task causal-lm or --task classification.")
+
+
+def _load_tokenizer(transformers: Any, source: str, kwargs: dict[str, Any]) -> Any:
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise InputError(f"the tokenizer at {source} has neither a pad nor an eos token; add a pad token to it.")
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; its id does not matter
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets.
+
+
+def load_records(
+    path: str, settings: ModelSettings, split: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The dataset at `path` as dicts with keys id, text and (when configured) prompt, label."""
+    import datasets
+
+    p = Path(path)
+    loaders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    try:
+        if p.is_dir():
+            data = datasets.load_from_disk(str(p))
+        elif p.is_file() and p.suffix in loaders:
+            data = datasets.load_dataset(loaders[p.suffix], data_files=str(p), split="train")
+        else:
+            raise InputError(
+                f"dataset {path!r} is not a .jsonl/.json/.csv/.parquet file or a save_to_disk folder "
+                f"({'it does not exist' if not p.exists() else 'unsupported suffix'})."
+            )
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        if isinstance(exc, LograError):
+            raise
+        raise InputError(f"cannot read the dataset {path!r}: {type(exc).__name__}: {exc}") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split is None or split not in data:
+            raise InputError(f"{path} holds the splits {sorted(data)}; choose one with --split.")
+        data = data[split]
+    columns = set(data.column_names)
+    wanted = {
+        "text": settings.text_field,
+        "prompt": settings.prompt_field,
+        "label": settings.label_field,
+        "id": settings.id_field,
+    }
+    for role, name in wanted.items():
+        if name is not None and name not in columns:
+            raise InputError(f"the {role} field {name!r} is not a column of {path}; its columns are {sorted(columns)}.")
+    n = len(data) if limit is None else min(limit, len(data))
+    if n == 0:
+        raise InputError(f"the dataset {path} has no rows{' (--limit 0)' if limit == 0 else ''}.")
+    table = data.select(range(n)).to_dict()
+    records = []
+    for i in range(n):
+        rec = {role: table[name][i] for role, name in wanted.items() if name is not None}
+        rec.setdefault("id", i)
+        if not isinstance(rec["text"], str) or ("prompt" in rec and not isinstance(rec["prompt"], str)):
+            raise InputError(f"row {i} of {path}: field {settings.text_field!r} (and any prompt) must be text.")
+        records.append(rec)
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and batches.
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples: ids, token lists, and per-token targets (LM) or one label each."""
+
+    ids: list[ExampleId]
+    tokens: list[list[int]]
+    targets: list[list[int]] | list[Any]
+    pad_id: int
+
+
+def encode(
+    records: Sequence[dict[str, Any]], tokenizer: Any, task: Task, max_length: int, label2id: dict[str, int] | None
+) -> Encoded:
+    """Tokenise `records`, truncated to `max_length` tokens (prompt tokens are not LM targets)."""
+    if max_length < 2:
+        raise InputError(f"--max-length {max_length} must be at least 2 tokens.")
+    ids, tokens, targets = [], [], []
+    for rec in records:
+        if "prompt" in rec:  # the prompt with the tokenizer's special tokens, then the text without
+            prompt_ids = tokenizer(rec["prompt"])["input_ids"]
+            seq = (prompt_ids + tokenizer(rec["text"], add_special_tokens=False)["input_ids"])[:max_length]
+        else:
+            prompt_ids, seq = [], tokenizer(rec["text"], truncation=True, max_length=max_length)["input_ids"]
+        if not seq:
+            raise InputError(f"example {rec['id']!r} has no tokens; drop empty texts from the dataset.")
+        if task is Task.CAUSAL_LM:
+            n_prompt = min(len(prompt_ids), len(seq))
+            targets.append([IGNORE_INDEX] * n_prompt + seq[n_prompt:])
+        else:
+            targets.append(_label(rec, label2id))
+        ids.append(rec["id"])
+        tokens.append(seq)
+    return Encoded(ids, tokens, targets, int(tokenizer.pad_token_id))
+
+
+def _label(rec: dict[str, Any], label2id: dict[str, int] | None) -> Any:
+    if "label" not in rec:
+        raise InputError("classification needs the label of every example: pass --label-field.")
+    label = rec["label"]
+    if isinstance(label, str):
+        if not label2id or label not in label2id:
+            known = sorted(label2id) if label2id else []
+            raise InputError(f"label {label!r} of example {rec['id']!r} is not in the model's label2id {known}.")
+        return label2id[label]
+    return label
+
+
+def batches(
+    encoded: Encoded, batch_size: int, skip: frozenset[ExampleId] = frozenset()
+) -> Iterator[tuple[list[ExampleId], dict[str, Tensor]]]:
+    """Right-padded batches (ids, {input_ids, attention_mask, labels}) of the examples not in `skip`."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} must be positive.")
+    todo = [i for i, ex_id in enumerate(encoded.ids) if ex_id not in skip]
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        T = max(len(encoded.tokens[i]) for i in idx)
+        input_ids = torch.full((len(idx), T), encoded.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        lm = isinstance(encoded.targets[idx[0]], list)
+        labels = (
+            torch.full((len(idx), T), IGNORE_INDEX, dtype=torch.long)
+            if lm
+            else torch.tensor([encoded.targets[i] for i in idx])
+        )
+        for r, i in enumerate(idx):
+            n = len(encoded.tokens[i])
+            input_ids[r, :n] = torch.tensor(encoded.tokens[i])
+            mask[r, :n] = 1
+            if lm:
+                labels[r, :n] = torch.tensor(encoded.targets[i])
+        yield [encoded.ids[i] for i in idx], {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_losses(model: nn.Module, batch: dict[str, Tensor], task: Task, token_reduction: str) -> Tensor:
+    """Per-example losses (B,) of one batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if task is Task.CAUSAL_LM:
+        return causal_lm_loss(logits, batch["labels"], reduction=token_reduction)
+    return sequence_classification_loss(
+        logits, batch["labels"], problem_type=getattr(model.config, "problem_type", None)
+    )
+
+
+def log_examples(
+    model: nn.Module,
+    logger: GradientLogger,
+    encoded: Encoded,
+    task: Task,
+    *,
+    batch_size: int,
+    token_reduction: str,
+    desc: str,
+    keep_rows: bool = False,
+) -> tuple[int, Tensor | None]:
+    """Run every example not yet committed through `logger`; (number logged, rows [n, D] if keep_rows)."""
+    skip = logger.committed_ids
+    todo = sum(1 for i in encoded.ids if i not in skip)
+    rows: list[Tensor] = []
+    done = 0
+    with tqdm(total=todo, desc=desc, unit="ex") as bar:
+        for ids, batch in batches(encoded, batch_size, skip):
+            with logger.record(ids=ids, mask=batch["attention_mask"]) as rec:
+                batch_losses(model, batch, task, token_reduction).sum().backward()
+            if keep_rows and rec.rows is not None:
+                rows.append(rec.rows.detach().cpu())
+            done += len(ids)
+            bar.update(len(ids))
+    if keep_rows:
+        return done, torch.cat(rows) if rows else None
+    return done, None
+
+
+def check_task_fields(task: Task, settings: ModelSettings) -> None:
+    if task is Task.CLASSIFICATION and settings.label_field is None:
+        raise ConfigError("a classification model needs --label-field (the column holding each example's label).")
+    if task is Task.CLASSIFICATION and settings.prompt_field is not None:
+        raise ConfigError("--prompt-field applies to causal-lm only; drop it for a classification model.")

