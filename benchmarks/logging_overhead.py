@@ -125,9 +125,12 @@ def child(model_name: str, ks: list[int], rounds: int) -> dict:
             ratios_nopg.append(tn / tb)
             t_bare.append(tb)
             t_log.append(tl)
+        # Both passes start from the same state: no .grad tensors held (they are part of each pass).
+        model.zero_grad(set_to_none=True)
         base = reset_peak()
         bare()
         mem_bare = rss_kib("VmHWM") - base
+        model.zero_grad(set_to_none=True)
         base = reset_peak()
         logged(k)
         mem_log = rss_kib("VmHWM") - base
