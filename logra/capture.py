@@ -220,14 +220,14 @@ class LayerCapture:
         self,
         info: LayerInfo,
         module: nn.Module,
-        p_in: Tensor,
-        p_out: Tensor,
+        source: Callable[[], tuple[Tensor, Tensor]],
         active: Callable[[], Any],
     ) -> None:
         self.info = info
         self.module = module
-        self._p_in64 = p_in  # (k_in, n_in) float64 CPU, the bias column last when info.bias
-        self._p_out64 = p_out  # (k_out, n_out)
+        # Draws (P_in (k_in, n_in), P_out (k_out, n_out)) in float64 on the CPU, the bias column last
+        # when info.bias. Only the copies in the compute dtype and device are kept, not the float64 draw.
+        self._source = source
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self._active = active
         self.calls: list[_Call] = []
@@ -236,7 +236,8 @@ class LayerCapture:
     def projections(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         key = (device, dtype)
         if key not in self._cache:
-            self._cache[key] = (self._p_in64.to(device, dtype), self._p_out64.to(device, dtype))
+            p_in, p_out = self._source()
+            self._cache[key] = (p_in.to(device, dtype), p_out.to(device, dtype))
         return self._cache[key]
 
     def close(self) -> None:

@@ -13,9 +13,10 @@ computes rows in memory (queries): `rec = ...; with logger.record(ids) as rec: .
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,9 @@ class GradientLogger:
         self._batch: _Batch | None = None
         self.layers: list[LayerInfo] = []
         self._captures: list[LayerCapture] = []
-        self._projections: dict[str, tuple[Tensor, Tensor]] = {}  # float64 CPU; kept after close()
+        # Projections are redrawn from their seed when needed: no float64 copy is held (they can be
+        # hundreds of MB for a large model); kept after close() for `projection()`.
+        self._projections: dict[str, Callable[[], tuple[Tensor, Tensor]]] = {}
         offset = 0
         try:
             for name, module, adapter in selected:
@@ -136,11 +139,12 @@ class GradientLogger:
                 info = LayerInfo(name, adapter.kind, n_in, n_out, k_in, k_out, bias, offset)
                 offset += info.size
                 f_in, f_out = pca.get(name, (None, None))
-                p_in = make_projection(self.config.init, self.config.seed, name, "in", k_in, n_in, f_in)
-                p_out = make_projection(self.config.init, self.config.seed, name, "out", k_out, n_out, f_out)
+                source = functools.partial(_draw_projections, self.config, info, f_in, f_out)
+                if pca:
+                    source()  # validate the PCA factors now rather than at the first batch
                 self.layers.append(info)
-                self._projections[name] = (p_in, p_out)
-                self._captures.append(LayerCapture(info, module, p_in, p_out, lambda: self._batch))
+                self._projections[name] = source
+                self._captures.append(LayerCapture(info, module, source, lambda: self._batch))
         except BaseException:
             self.close()
             raise
@@ -186,8 +190,7 @@ class GradientLogger:
         """(P_in (k_in, n_in), P_out (k_out, n_out)) of layer `name`, float64 CPU copies (also after close)."""
         if name not in self._projections:
             raise ConfigError(f"layer {name!r} is not logged; logged layers are {list(self._projections)}.")
-        p_in, p_out = self._projections[name]
-        return p_in.clone(), p_out.clone()
+        return self._projections[name]()  # freshly drawn: the caller owns them
 
     def statistics(self) -> dict[str, KroneckerStatistics]:
         """Kronecker sums over every row logged so far (copies)."""
@@ -340,6 +343,15 @@ def _accumulate(stats: KroneckerStatistics, calls: list[Any], keep: Tensor | Non
         n_tokens = int(mask.sum().item()) if mask is not None else x.shape[0] * x.shape[1]
         stats.add_(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), n_tokens, 0)
     stats.n_examples += n_examples
+
+
+def _draw_projections(
+    config: LoGraConfig, info: LayerInfo, f_in: Tensor | None, f_out: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(P_in (k_in, n_in), P_out (k_out, n_out)) of one layer, float64 CPU: a pure function of its inputs."""
+    p_in = make_projection(config.init, config.seed, info.name, "in", info.k_in, info.n_in, f_in)
+    p_out = make_projection(config.init, config.seed, info.name, "out", info.k_out, info.n_out, f_out)
+    return p_in, p_out
 
 
 def _pca_factors(config: LoGraConfig) -> dict[str, tuple[Tensor, Tensor]]:
