@@ -129,6 +129,12 @@ def _log(env: dict[str, Path], out: Path, *extra: str) -> int:
     return main(["log", "--model", str(env["gpt2"]), "--data", str(env["train"]), "--out", str(out), *LOG_ARGS, *extra])
 
 
+def _score_queries(env: dict[str, Path], store_dir: Path, *extra: str) -> int:
+    """`logra score` of the query file against `store_dir` with plain dot products."""
+    query = ["--queries", str(env["queries"]), "--prompt-field", "prompt", "--id-field", "qid"]
+    return main(["score", "--store", str(store_dir), *query, "--method", "identity", *extra])
+
+
 # --------------------------------------------------------------------------------------------
 # The reference: one example at a time, plain autograd, full gradients projected afterwards.
 
@@ -207,27 +213,8 @@ def test_resume_continues_to_the_same_store(env: dict[str, Path], tmp_path: Path
 def test_score_matrix_and_topk_match_reference(env: dict[str, Path], tmp_path: Path) -> None:
     store_dir = tmp_path / "s"
     assert _log(env, store_dir) == 0
-    code = main(
-        [
-            "score",
-            "--store",
-            str(store_dir),
-            "--queries",
-            str(env["queries"]),
-            "--prompt-field",
-            "prompt",
-            "--id-field",
-            "qid",
-            "--method",
-            "identity",
-            "--top-k",
-            "3",
-            "--out",
-            str(tmp_path / "top.csv"),
-            "--matrix",
-            str(tmp_path / "m.npy"),
-        ]
-    )
+    out = ["--top-k", "3", "--out", str(tmp_path / "top.csv"), "--matrix", str(tmp_path / "m.npy")]
+    code = _score_queries(env, store_dir, *out)
     assert code == 0
     store = GradientStore.open(store_dir)
     expected = (_reference_queries(env, store.layers) @ _reference_train(env, store.layers, "mean").T).numpy()
@@ -331,26 +318,7 @@ def test_classification_from_a_config_matches_reference(env: dict[str, Path], tm
 def test_report_and_verify(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store_dir = tmp_path / "s"
     assert _log(env, store_dir) == 0
-    assert (
-        main(
-            [
-                "score",
-                "--store",
-                str(store_dir),
-                "--queries",
-                str(env["queries"]),
-                "--prompt-field",
-                "prompt",
-                "--id-field",
-                "qid",
-                "--method",
-                "identity",
-                "--matrix",
-                str(tmp_path / "m.npy"),
-            ]
-        )
-        == 0
-    )
+    assert _score_queries(env, store_dir, "--matrix", str(tmp_path / "m.npy")) == 0
     assert main(["report", "--scores", str(tmp_path / "m.npy"), "--out", str(tmp_path / "r.html"), "--top-k", "2"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert page.count('<section class="query"') == 3 and "<b>a bird</b>sang in the park" in page
