@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from logra.cli_commands import cmd_fit, cmd_log, cmd_report, cmd_score, cmd_self_influence, cmd_verify
 from logra.errors import LograError
 
+DAMPING_HELP = "λ (default: 0.1 x the mean eigenvalue of each layer's full-size curvature)"
+
 # --------------------------------------------------------------------------------------------
 # Parser.
 
@@ -77,7 +79,7 @@ def _precondition_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--method", choices=["identity", "kfac", "ekfac", "raw"], default="kfac", help="curvature approximation"
     )
-    g.add_argument("--damping", type=float, help="λ (default: 0.1 x the mean eigenvalue of each layer)")
+    g.add_argument("--damping", type=float, help=DAMPING_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", choices=["identity", "kfac", "ekfac", "raw"], default="kfac", help="curvature approximation"
     )
-    p.add_argument("--damping", type=float, help="λ (default: 0.1 x the mean eigenvalue of each layer)")
+    p.add_argument("--damping", type=float, help=DAMPING_HELP)
     p.add_argument("--out", help="output directory (default: STORE/preconditioner-METHOD)")
     p.set_defaults(func=cmd_fit)
 

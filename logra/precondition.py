@@ -12,7 +12,11 @@ Every preconditioner is block diagonal over layers and maps rows [Q, D] to rows 
   float64 eigendecomposition.
 
 Damping λ is explicit (one value, or one per layer) or, by default, `DEFAULT_RELATIVE_DAMPING`
-(0.1, as Kronfluence does) times the layer's mean eigenvalue of the undamped curvature.
+(0.1, as Kronfluence does) times the layer's mean eigenvalue of the undamped *full-size*
+curvature, estimated from the projected one (`full_size_mean_eigenvalue`). So the default λ does
+not move with k: a gaussian or rademacher projection keeps the trace of a covariance but spreads it
+over k instead of n dimensions, so the projected mean eigenvalue is n/k times the full-size one,
+and damping relative to it would grow as k shrinks.
 
 Preconditioners are pure: fitting twice gives identical tensors, `apply` never edits its input or
 the preconditioner. They are saved as JSON plus an .npz read with `allow_pickle=False`.
@@ -34,6 +38,7 @@ import torch
 from torch import Tensor
 
 from logra.capture import LayerInfo
+from logra.config import ProjectionInit
 from logra.curvature import (
     CurvatureSource,
     EigenbasisMoments,
@@ -327,7 +332,8 @@ def fit_preconditioner(
         store: an open `GradientStore` (holding statistics, for kfac/ekfac without `statistics`).
         method: identity | kfac | ekfac | raw (a `PreconditionerMethod` or its value).
         damping: λ for every layer, a {layer: λ} dict, or None for DEFAULT_RELATIVE_DAMPING (0.1)
-            times each layer's mean eigenvalue of the undamped curvature.
+            times each layer's mean eigenvalue of the undamped full-size curvature, estimated from
+            the projected one (`full_size_mean_eigenvalue`), so that it does not change with k.
         statistics: replaces the store's empirical curvature: a {layer: KroneckerStatistics} dict
             (kfac, ekfac) or the `FisherStatistics` of `true_fisher_statistics` (the true Fisher).
         chunk_rows: rows per chunk of the ekfac/raw pass (results agree to rounding for any value).
@@ -346,14 +352,39 @@ def fit_preconditioner(
         return cls(store.layers, {}, {}, store.config.projection_fingerprint())
     source = curvature_source(store, statistics, raw=method is PreconditionerMethod.RAW)
     factors = cls.fit_factors(store, source, chunk_rows, device, progress)
-    resolved = _resolve_damping(cls, store.layers, factors, damping)
+    resolved = _resolve_damping(cls, store.layers, factors, damping, store.config.init)
     return cls(store.layers, factors, resolved, store.config.projection_fingerprint(), source.fisher)
 
 
+def full_size_mean_eigenvalue(eigenvalues: Tensor, layer: LayerInfo, init: ProjectionInit) -> float:
+    """The mean eigenvalue of a layer's full-size (n_out n_in) curvature, from its projected eigenvalues.
+
+    A projection P (k, n) maps a covariance C to P C Pᵀ, whose trace is tr(C PᵀP). For gaussian and
+    rademacher projections E[PᵀP] = I, so the trace is kept and the full-size mean is the projected
+    sum over n_in n_out. Orthogonal, identity (a coordinate subset) and pca projections have
+    orthonormal rows, PᵀP a rank-k projector, so they keep a fraction of about k/n of the trace (for
+    pca the top part, so this estimate is then an upper bound) and the estimate is the projected
+    mean. At k = n every init gives the exact mean.
+
+    Args:
+        eigenvalues: the projected curvature's eigenvalues, any shape, k_out k_in of them.
+        layer: the layer (its n and k).
+        init: the store's projection init.
+    """
+    total = float(eigenvalues.sum())
+    if init in (ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER):
+        return total / (layer.n_in * layer.n_out)
+    return total / eigenvalues.numel()
+
+
 def _resolve_damping(
-    cls: type[Preconditioner], layers: Iterable[LayerInfo], factors: Mapping[str, Mapping[str, Tensor]], damping: Any
+    cls: type[Preconditioner],
+    layers: Iterable[LayerInfo],
+    factors: Mapping[str, Mapping[str, Tensor]],
+    damping: Any,
+    init: ProjectionInit,
 ) -> dict[str, float]:
-    """{layer: λ}: the given value(s), or 0.1 x the layer's mean undamped eigenvalue."""
+    """{layer: λ}: the given value(s), or 0.1 x the layer's full-size mean undamped eigenvalue."""
     layers = tuple(layers)
     if isinstance(damping, Mapping):
         unknown = sorted(set(damping) - {layer.name for layer in layers})
@@ -367,7 +398,7 @@ def _resolve_damping(
     for layer in layers:
         if damping is None:
             eig = cls.curvature_eigenvalues(factors[layer.name])
-            mean = float(eig.mean()) if eig is not None else 0.0
+            mean = full_size_mean_eigenvalue(eig, layer, init) if eig is not None else 0.0
             if not mean > 0:
                 raise ConfigError(
                     f"layer {layer.name!r} has zero curvature (every stored gradient of it is zero), so the default "

@@ -27,9 +27,7 @@ class KroneckerStatistics:
 
     @classmethod
     def zeros(cls, k_in: int, k_out: int) -> KroneckerStatistics:
-        return cls(
-            torch.zeros(k_in, k_in, dtype=torch.float64), torch.zeros(k_out, k_out, dtype=torch.float64)
-        )
+        return cls(torch.zeros(k_in, k_in, dtype=torch.float64), torch.zeros(k_out, k_out, dtype=torch.float64))
 
     def add_(self, x: Tensor, g: Tensor, n_tokens: int, n_examples: int) -> None:
         """Accumulate flattened projected tokens. x: (M, k_in), g: (M, k_out); masked rows are zero."""

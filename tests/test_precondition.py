@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +19,19 @@ from _scoring_fixtures import (  # noqa: F401  (the `gpt2` and `mlp` fixtures)
     log_mlp,
     mlp_fixture,
 )
+from torch import Tensor, nn
 
 import logra
+from logra.capture import LayerInfo
+from logra.config import ProjectionInit
 from logra.curvature import EigenbasisMoments, GradientCovariance, sampled_cross_entropy, true_fisher_statistics
-from logra.precondition import EKFACPreconditioner, fit_preconditioner, load_preconditioner
+from logra.precondition import (
+    EKFACPreconditioner,
+    fit_preconditioner,
+    full_size_mean_eigenvalue,
+    load_preconditioner,
+)
+from logra.projection import make_projection
 
 METHODS = ["kfac", "ekfac", "raw"]
 
@@ -41,11 +51,59 @@ def test_apply_equals_dense_inverse(
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_default_damping_is_a_tenth_of_the_mean_eigenvalue(mlp: Logged, method: str) -> None:
+def test_default_damping_is_a_tenth_of_the_full_size_mean_eigenvalue(mlp: Logged, method: str) -> None:
+    """Gaussian projections keep traces, so the full-size mean is the projected trace over n_out n_in."""
+    assert mlp.config.init.value == "gaussian"
     pre = fit_preconditioner(mlp.store, method)
     for layer in mlp.store.layers:
-        mean_eigenvalue = torch.linalg.eigvalsh(dense_curvature(method, mlp.store, layer)).mean()
-        assert pre.damping[layer.name] == pytest.approx(0.1 * float(mean_eigenvalue), rel=1e-10)
+        trace = torch.linalg.eigvalsh(dense_curvature(method, mlp.store, layer)).sum()
+        assert pre.damping[layer.name] == pytest.approx(0.1 * float(trace) / (layer.n_in * layer.n_out), rel=1e-10)
+
+
+def _spread_covariance(n: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return (basis * torch.linspace(0.05, 2.0, n, dtype=torch.float64)) @ basis.T
+
+
+@pytest.mark.parametrize("init", ["gaussian", "rademacher", "orthogonal"])
+@pytest.mark.parametrize("k", [16, 48])
+def test_full_size_mean_eigenvalue_estimate(init: str, k: int) -> None:
+    """The estimate from projected Kronecker factors lands near the true full-size mean for every k,
+    where the projected mean itself is off by the compression n/k on each side (8x-30x here)."""
+    n_in, n_out = 192, 96
+    a, s = _spread_covariance(n_in, 0), _spread_covariance(n_out, 1)
+    true_mean = float(torch.trace(a) * torch.trace(s)) / (n_in * n_out)
+    p_in = make_projection(ProjectionInit(init), 0, "layer", "in", k, n_in)
+    p_out = make_projection(ProjectionInit(init), 0, "layer", "out", k, n_out)
+    projected = torch.outer(torch.linalg.eigvalsh(p_out @ s @ p_out.T), torch.linalg.eigvalsh(p_in @ a @ p_in.T))
+    layer = LayerInfo("layer", "Linear", n_in, n_out, k, k, False, 0)
+    estimate = full_size_mean_eigenvalue(projected, layer, ProjectionInit(init))
+    assert estimate == pytest.approx(true_mean, rel=0.15)
+    if init != "orthogonal":
+        assert float(projected.mean()) > 2 * true_mean
+
+
+def test_default_damping_does_not_move_with_k(tmp_path: Path) -> None:
+    """The default λ of a gaussian store at small k is close to that of the exact (identity, k=n) store."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 64), nn.Tanh(), nn.Linear(64, 48)).double()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 96, generator=gen, dtype=torch.float64), torch.randint(0, 48, (256,), generator=gen)
+
+    def damping(k: int, init: str) -> dict[str, float]:
+        config = logra.LoGraConfig(k_in=k, k_out=k, init=init, dtype="float64")
+        with logra.GradientLogger(model, config, store=tmp_path / f"{init}{k}") as logger:
+            for s in range(0, 256, 64):
+                with logger.record(ids=list(range(s, s + 64))):
+                    nn.functional.cross_entropy(model(x[s : s + 64]), y[s : s + 64], reduction="sum").backward()
+        return fit_preconditioner(logra.GradientStore.open(tmp_path / f"{init}{k}"), "kfac").damping
+
+    exact = damping(128, "identity")
+    for k in (8, 24):
+        approx = damping(k, "gaussian")
+        for name, value in exact.items():
+            assert approx[name] == pytest.approx(value, rel=0.3), (k, name)
 
 
 def test_identity_is_the_plain_dot_product(mlp: Logged) -> None:
