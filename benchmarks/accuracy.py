@@ -7,10 +7,12 @@ summed scores of a subset and the measured (seed-averaged) query loss after retr
 (`logra.evaluation.linear_datamodeling_score`).
 
 Methods: logra identity / kfac / ekfac / raw at several k (raw only for k <= 32: its matrix per
-layer is (k_out k_in)^2), logra ekfac without projection (k = the layer sizes, identity
-projections), a plain gradient dot product (full gradients, no preconditioner); with --peers
-also Kronfluence EK-FAC (no projection; its default true Fisher, and the empirical Fisher that
-logra and LogIX use), LogIX (LoGra through LoRA, kfac and raw), and
+layer is (k_out k_in)^2), logra kfac / ekfac at k = 64 with pca projections (the top eigenvectors
+of the Kronecker factors of a first, full-size pass: the best k-dimensional subspace per side,
+which shows what any k = 64 Kronecker projection can keep), logra ekfac without projection
+(k = the layer sizes, identity projections), a plain gradient dot product (full gradients, no
+preconditioner); with --peers also Kronfluence EK-FAC (no projection; its default true Fisher,
+and the empirical Fisher that logra and LogIX use), LogIX (LoGra through LoRA, kfac and raw), and
 single-model TRAK with proj_dim equal to a logra row at k (equal storage in float32).
 
 Random choices are seeded and averaged: logra's projections (LoGraConfig.seed), LogIX's LoRA
@@ -29,6 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import bench_common as common
@@ -47,6 +50,7 @@ LOGIX_K = [16, 64]
 PEER_BATCH = {"digits-mlp": 100, "markov-lm": 32}
 FULL = 1 << 20  # a k larger than every layer: no projection
 KRON_EMPIRICAL = "Kronfluence, empirical Fisher"
+PCA = "logra, pca projection (2 passes)"
 
 
 def workload(task: tasks.Task, model: torch.nn.Module) -> peers.Workload:
@@ -92,7 +96,18 @@ def logra_methods(w: peers.Workload, task: str) -> list[Method]:
         ("logra", k, True, projected(k, ["identity", "kfac", "ekfac"] + (["raw"] if k <= 32 else [])))
         for k in K_VALUES[task]
     ]
+
+    def pca(k: int) -> Callable[[str, int], dict[str, Tensor]]:
+        def run(root: str, seed: int) -> dict[str, Tensor]:
+            full_root = str(Path(root) / "full")  # the full-size pass whose factors give the projections
+            peers.logra_log(peers.fresh(w), peers.logra_config(w, FULL, init="identity"), full_root)
+            return peers.logra_scores(peers.fresh(w), k, ["kfac", "ekfac"], str(Path(root) / "pca"), init="pca",
+                                      pca_statistics=full_root)  # fmt: skip
+
+        return run
+
     return out + [
+        (PCA, 64, False, pca(64)),
         ("logra, no projection", None, False, full("ekfac")),
         ("gradient dot product", None, False, full("identity")),
     ]

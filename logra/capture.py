@@ -231,6 +231,10 @@ class LayerCapture:
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self._active = active
         self.calls: list[_Call] = []
+        # Draw the copies for the weight's device and dtype now, so the first batch does no setup.
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.is_floating_point() and weight.device.type != "meta":
+            self.projections(weight.device, _compute_dtype(weight.dtype))
         self._handle: RemovableHandle | None = module.register_forward_hook(self._forward_hook)
 
     def projections(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

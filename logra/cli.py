@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from logra.cli_commands import cmd_fit, cmd_log, cmd_report, cmd_score, cmd_self_influence, cmd_verify
 from logra.errors import LograError
 
-DAMPING_HELP = "λ (default: 0.1 x the mean eigenvalue of each layer's full-size curvature)"
+DAMPING_HELP = "λ (default: 0.1 x a mean eigenvalue of each layer's curvature; see fit_preconditioner)"
 
 # --------------------------------------------------------------------------------------------
 # Parser.
