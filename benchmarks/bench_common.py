@@ -95,6 +95,25 @@ def bare_pass(model: nn.Module, batches: list[Tensor]) -> float:
     return CLOCK() - start
 
 
+def floor_pass(model: nn.Module, batches: list[Tensor]) -> float:
+    """CPU seconds of a forward+backward that computes activation gradients only (every parameter
+    frozen, gradients flowing from the loss down to the embeddings' output): what any per-example
+    logging pass must at least do. No weight gradients, no hooks."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    start = CLOCK()
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for ids in batches:
+            lm_loss(model, ids).sum().backward()
+    finally:
+        handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    return CLOCK() - start
+
+
 def measured(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     """(fn(), CPU seconds, peak resident memory in MiB during the call: VmHWM after a reset)."""
     reset_peak()
@@ -108,12 +127,22 @@ def dir_bytes(path: str | os.PathLike[str]) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def run_child(script: str, args: list[str], python: str | None = None, timeout: float = 1800) -> dict[str, Any]:
+def run_child(
+    script: str, args: list[str], python: str | None = None, timeout: float = 1800, strict_malloc: bool = True
+) -> dict[str, Any]:
     """Run `script --child ARGS` in a fresh process; return the JSON of its last stdout line.
+
+    strict_malloc: glibc returns every block of 64 KiB or more to the system when freed, so that
+    the peak resident memory is the memory in use, not what the allocator keeps cached. It also
+    makes every large tensor a fresh mapping whose pages the kernel faults in and zeroes: that
+    adds up to half again to the CPU time of a pass, unevenly from run to run. Time is therefore
+    measured with the default allocator (strict_malloc=False) and memory with the strict one.
 
     A failure comes back as {"error": <the last lines of stderr>} so that the table can say why.
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if strict_malloc:
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [python or sys.executable, str(HERE / script), "--child", *args]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)

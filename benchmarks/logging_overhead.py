@@ -31,9 +31,18 @@ MODELS = {
     "gpt2-6x512": ("gpt2", dict(n_layer=6, n_embd=512, n_head=8, n_positions=256), 4, 256),
     "smollm2-135m-shape": (
         "llama",
-        dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
-        2, 256,
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
+        2,
+        256,
     ),  # fmt: skip
     "tiny": ("gpt2", dict(n_layer=2, n_embd=128, n_head=4, n_positions=64), 4, 64),
 }
@@ -179,8 +188,15 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         for k, v in r["k"].items():
-            cells = [r["model"], r["tokens_per_batch"], k, f"{v['time_ratio']:.3f}",
-                     f"{v['time_ratio_no_param_grads']:.3f}", f"{v['mem_ratio']:.3f}", f"{v['tokens_per_s']:.0f}"]
+            cells = [
+                r["model"],
+                r["tokens_per_batch"],
+                k,
+                f"{v['time_ratio']:.3f}",
+                f"{v['time_ratio_no_param_grads']:.3f}",
+                f"{v['mem_ratio']:.3f}",
+                f"{v['tokens_per_s']:.0f}",
+            ]
             print("| " + " | ".join(map(str, cells)) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -87,7 +87,12 @@ def logra_log(
     w: Workload, config: logra.LoGraConfig, store: str | None, statistics: bool = True, param_grads: bool = False
 ) -> logra.GradientLogger:
     """One logging pass over w.train into `store` (closed logger returned)."""
-    with logra.GradientLogger(w.model, config, store=store, statistics=statistics) as logger:
+    return logra_run(w, logra.GradientLogger(w.model, config, store=store, statistics=statistics), param_grads)
+
+
+def logra_run(w: Workload, logger: logra.GradientLogger, param_grads: bool = False) -> logra.GradientLogger:
+    """The logging pass itself with a logger already set up (projections drawn, store opened); closes it."""
+    with logger:
         start = 0
         for batch in w.train:
             ids = list(range(start, start + len(batch[0])))

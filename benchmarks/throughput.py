@@ -3,9 +3,12 @@
 On the Llama-shaped model of `bench_common.py` (4 x 256, batches of 8 x 128 tokens, one thread), each
 configuration runs in its own process: `--rounds` interleaved rounds of a bare forward+backward
 over `--batches` batches and the tool's logging pass over the same batches; the reported time
-ratio is the median of (tool CPU time / bare CPU time). Setup that happens once per run (LogIX
-wrapping the layers in LoRA modules, TRAK building its projector) is not timed; writing the
-rows to disk is. Peak memory is the process's VmHWM during each loop (absolute, MiB), and
+ratio is the median of (tool CPU time / bare CPU time). Time is measured with glibc's default
+allocator, peak memory in a second process with the strict one (`bench_common.run_child`).
+The `floor` row is a forward+backward that computes activation gradients only: the least any
+per-example logging pass must do. Setup that happens once per run (logra drawing its
+projections and opening the store, LogIX wrapping the layers in LoRA modules, TRAK building its
+projector) is not timed; writing the rows to disk is. Peak memory is the process's VmHWM during each loop (absolute, MiB), and
 storage is the bytes the tool left on disk divided by the number of examples.
 
     .venv/bin/python benchmarks/throughput.py                   # logra only (make bench)
@@ -22,12 +25,15 @@ import tempfile
 from typing import Any
 
 import bench_common as common
-from peers import Workload, fresh, logix_log, logix_setup, logra_config, logra_log, trak_featurize
+from bench_common import floor_pass
+from peers import Workload, fresh, logix_log, logix_setup, logra_config, logra_run, trak_featurize
+
+from logra import GradientLogger
 
 
 def configs(k_values: list[int], peers: bool, trak_k: int) -> list[dict[str, Any]]:
     """The configurations to measure: logra's four modes per k, then LogIX per k, then TRAK."""
-    out = [
+    out = [{"tool": "floor", "k": None}] + [
         {"tool": "logra", "k": k, "statistics": s, "param_grads": p}
         for k in k_values
         for s in (True, False)
@@ -43,7 +49,17 @@ def tool_pass(spec: dict[str, Any], w: Workload, root: str) -> tuple[Any, Any]:
     """(setup(): state, run(state)) of one configuration; only `run` is timed."""
     if spec["tool"] == "logra":
         cfg = logra_config(w, spec["k"])
-        return (lambda: None), (lambda _: logra_log(w, cfg, root, spec["statistics"], spec["param_grads"]))
+
+        def setup_logra() -> GradientLogger:  # draws the projections and opens the store, once per run
+            return GradientLogger(w.model, cfg, store=root, statistics=spec["statistics"])
+
+        return setup_logra, (lambda logger: logra_run(w, logger, spec["param_grads"]))
+    if spec["tool"] == "floor":  # forward + activation-gradient backward, no weight gradients, no hooks
+
+        def setup_floor() -> None:
+            return None
+
+        return setup_floor, (lambda _: floor_pass(w.model, [b[0] for b in w.train]))
     if spec["tool"] == "logix":
 
         def setup_logix() -> tuple[Workload, Any]:
@@ -104,7 +120,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="*", default=[8, 64])
     parser.add_argument("--trak-k", type=int, default=8, help="TRAK's proj_dim = the logra row width at this k")
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--trak-rounds", type=int, default=1)
     parser.add_argument("--out", default="throughput", help="results/<out>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -117,9 +133,15 @@ def main() -> None:
     for spec in configs(args.k, args.peers, args.trak_k):
         rounds = args.trak_rounds if spec["tool"] == "trak" else args.rounds
         batches = 1 if spec["tool"] == "trak" else args.batches
-        result = common.run_child(
-            "throughput.py", [json.dumps(spec), "--batches", str(batches), "--rounds", str(rounds)]
-        )
+        args_ = [json.dumps(spec), "--batches", str(batches)]
+        timed = common.run_child("throughput.py", [*args_, "--rounds", str(rounds)], strict_malloc=False)
+        memory = common.run_child("throughput.py", [*args_, "--rounds", "1"], strict_malloc=True)
+        result = dict(timed)
+        if "error" not in timed:
+            if "error" in memory:
+                result["error"] = "memory run: " + memory["error"]
+            else:
+                result.update({key: memory[key] for key in ("bare_peak_mib", "tool_peak_mib")})
         rows.append({**spec, **result})
         print(json.dumps(rows[-1]), file=sys.stderr)
     path = common.save(args.out, {"model": common.LLAMA, "batch": [common.BATCH, common.SEQ], "rows": rows})

@@ -13,6 +13,7 @@ adding a type is one new class. Hooks are owned by `LayerCapture` and removed by
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -222,6 +223,7 @@ class LayerCapture:
         module: nn.Module,
         source: Callable[[], tuple[Tensor, Tensor]],
         active: Callable[[], Any],
+        shared_inputs: dict[tuple[Any, ...], Tensor] | None = None,
     ) -> None:
         self.info = info
         self.module = module
@@ -229,6 +231,9 @@ class LayerCapture:
         # when info.bias. Only the copies in the compute dtype and device are kept, not the float64 draw.
         self._source = source
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        # When input projections are shared: one P_in copy per (n_in, k_in, device, dtype), owned by
+        # the logger, so that layers of one width hold one matrix and can reuse each other's x̃.
+        self._shared_inputs = shared_inputs
         self._active = active
         self.calls: list[_Call] = []
         # Draw the copies for the weight's device and dtype now, so the first batch does no setup.
@@ -241,7 +246,10 @@ class LayerCapture:
         key = (device, dtype)
         if key not in self._cache:
             p_in, p_out = self._source()
-            self._cache[key] = (p_in.to(device, dtype), p_out.to(device, dtype))
+            p_in = p_in.to(device, dtype)
+            if self._shared_inputs is not None:
+                p_in = self._shared_inputs.setdefault((self.info.n_in, self.info.k_in, device, dtype), p_in)
+            self._cache[key] = (p_in, p_out.to(device, dtype))
         return self._cache[key]
 
     def close(self) -> None:
@@ -268,13 +276,20 @@ class LayerCapture:
         x3 = x.reshape(B, -1, x.shape[-1])  # (B, M, n_w)
         p_in, p_out = self.projections(x.device, _compute_dtype(x.dtype))
         mask = batch.mask_for(x3.shape[1], self.info.name, x.device, p_in.dtype)
-        xc = x3.detach().to(p_in.dtype)
-        if self.info.bias:
-            xt = xc @ p_in[:, :-1].T + p_in[:, -1]  # (B, M, k_in): the bias input is a constant 1
+        # A layer that reads the same tensor (unchanged since) through the same P_in as the layer
+        # before it (q, k and v; gate and up) reuses that x̃. Only the last input per P_in is kept.
+        seen = batch.projected_inputs.get(id(p_in))
+        if seen is not None and seen[0]() is x and seen[1] == x._version:
+            xt = seen[2]
         else:
-            xt = xc @ p_in.T
-        if mask is not None:
-            xt = _apply_mask(xt, mask)
+            xc = x3.detach().to(p_in.dtype)
+            if self.info.bias:
+                xt = xc @ p_in[:, :-1].T + p_in[:, -1]  # (B, M, k_in): the bias input is a constant 1
+            else:
+                xt = xc @ p_in.T
+            if mask is not None:
+                xt = _apply_mask(xt, mask)
+            batch.projected_inputs[id(p_in)] = (weakref.ref(x), x._version, xt)
         call = _Call(xt, mask)
         self.calls.append(call)
         if not output.requires_grad:

@@ -105,6 +105,13 @@ class LoGraConfig:
         default=LossReduction.SUM, metadata={"help": "How the backpropagated loss combines examples."}
     )
     nonfinite: NonFinitePolicy = field(default=NonFinitePolicy.RAISE, metadata={"help": "NaN/Inf policy."})
+    share_input_projection: bool = field(
+        default=True,
+        metadata={
+            "help": "Layers of equal input width and k_in share one input projection, so an input read by "
+            "several layers (q, k, v) is projected once. pca projections are always per layer."
+        },
+    )
     pca_statistics: str | None = field(
         default=None,
         metadata={
@@ -127,6 +134,10 @@ class LoGraConfig:
             raise ConfigError(f"LoGraConfig.seed={self.seed!r} must be an int.")
         if not isinstance(self.include_bias, bool):
             raise ConfigError(f"LoGraConfig.include_bias={self.include_bias!r} must be True or False.")
+        if not isinstance(self.share_input_projection, bool):
+            raise ConfigError(
+                f"LoGraConfig.share_input_projection={self.share_input_projection!r} must be True or False."
+            )
         if self.pca_statistics is not None and not isinstance(self.pca_statistics, str):
             raise ConfigError(f"LoGraConfig.pca_statistics={self.pca_statistics!r} must be a store path (str) or None.")
         if self.modules is not None:
@@ -182,6 +193,8 @@ class LoGraConfig:
         if unknown:
             raise ConfigError(f"unknown LoGraConfig fields {unknown}; known fields are {sorted(known)}.")
         kwargs = dict(data)
+        # Stores written before the field existed drew every input projection per layer.
+        kwargs.setdefault("share_input_projection", False)
         for name in ("modules", "exclude"):  # JSON lists -> tuples; other types are refused by __post_init__
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])

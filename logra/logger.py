@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from logra.capture import LayerCapture, LayerInfo, layer_weight, per_example_gradients, select_layers
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit
 from logra.errors import CaptureError, ConfigError, NonFiniteGradientError, StoreError
-from logra.projection import make_projection
-from logra.statistics import KroneckerStatistics
+from logra.projection import SHARED_INPUT, make_projection
+from logra.statistics import KroneckerStatistics, outer
 from logra.store import ExampleId, GradientStore, StoreWriter, normalize_ids
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
@@ -57,6 +57,8 @@ class _Batch:
         self.size = len(ids)
         self.mask = mask
         self._mask_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # id(P_in) -> (weak reference to the last input x, its version, x̃), for the capture hooks.
+        self.projected_inputs: dict[int, tuple[Any, int, Tensor]] = {}
 
     def mask_for(self, m: int, layer: str, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """The (B, M) mask for a layer whose input has M positions per example, or None.
@@ -129,6 +131,7 @@ class GradientLogger:
         # hundreds of MB for a large model); kept after close() for `projection()`.
         self._projections: dict[str, Callable[[], tuple[Tensor, Tensor]]] = {}
         offset = 0
+        shared_inputs: dict[tuple[Any, ...], Tensor] | None = {} if shares_input_projection(self.config) else None
         try:
             for name, module, adapter in selected:
                 n_in, n_out, has_bias = adapter.widths(module)
@@ -144,7 +147,7 @@ class GradientLogger:
                     source()  # validate the PCA factors now rather than at the first batch
                 self.layers.append(info)
                 self._projections[name] = source
-                self._captures.append(LayerCapture(info, module, source, lambda: self._batch))
+                self._captures.append(LayerCapture(info, module, source, lambda: self._batch, shared_inputs))
         except BaseException:
             self.close()
             raise
@@ -308,8 +311,9 @@ class GradientLogger:
             rows = rows[keep]
         self._writing = True  # statistics and pending rows change together, or the logger refuses to go on
         if self._track_statistics and kept_ids:
+            outers: dict[int, Tensor] = {}  # id(x̃) -> x̃ᵀx̃, for layers that read one projected input
             for info, layer_calls in zip(self.layers, calls):
-                _accumulate(self._stats[info.name], layer_calls, keep if skipped else None, len(kept_ids))
+                _accumulate(self._stats[info.name], layer_calls, keep if skipped else None, len(kept_ids), outers)
         record.ids, record.rows, record.skipped = kept_ids, rows, skipped
         if self._writer is not None:
             self._writer.append(kept_ids, rows, skipped)
@@ -325,7 +329,9 @@ def _device_of(calls: list[list[Any]]) -> torch.device:
     return next(c.x.device for layer_calls in calls for c in layer_calls)
 
 
-def _accumulate(stats: KroneckerStatistics, calls: list[Any], keep: Tensor | None, n_examples: int) -> None:
+def _accumulate(
+    stats: KroneckerStatistics, calls: list[Any], keep: Tensor | None, n_examples: int, outers: dict[int, Tensor]
+) -> None:
     """Add one batch's tokens of one layer to its statistics (only the kept examples).
 
     Every kept example counts in n_examples, also when no gradient reached this layer in this batch
@@ -341,15 +347,27 @@ def _accumulate(stats: KroneckerStatistics, calls: list[Any], keep: Tensor | Non
             x, g = x[keep], g[keep]
             mask = mask[keep] if mask is not None else None
         n_tokens = int(mask.sum().item()) if mask is not None else x.shape[0] * x.shape[1]
-        stats.add_(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), n_tokens, 0)
+        flat = x.reshape(-1, x.shape[-1])
+        if id(c.x) not in outers:  # c.x outlives this loop (the calls hold it), so its id is not reused
+            outers[id(c.x)] = outer(flat)
+        stats.add_(flat, g.reshape(-1, g.shape[-1]), n_tokens, 0, input_outer=outers[id(c.x)])
     stats.n_examples += n_examples
+
+
+def shares_input_projection(config: LoGraConfig) -> bool:
+    """Whether layers of equal (n_in, k_in) use one input projection (pca ones are always per layer)."""
+    return config.share_input_projection and config.init is not ProjectionInit.PCA
 
 
 def _draw_projections(
     config: LoGraConfig, info: LayerInfo, f_in: Tensor | None, f_out: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """(P_in (k_in, n_in), P_out (k_out, n_out)) of one layer, float64 CPU: a pure function of its inputs."""
-    p_in = make_projection(config.init, config.seed, info.name, "in", info.k_in, info.n_in, f_in)
+    """(P_in (k_in, n_in), P_out (k_out, n_out)) of one layer, float64 CPU: a pure function of its inputs.
+
+    With a shared input projection, P_in is seeded by (seed, n_in, k_in) alone, not the layer name.
+    """
+    in_name = SHARED_INPUT if shares_input_projection(config) else info.name
+    p_in = make_projection(config.init, config.seed, in_name, "in", info.k_in, info.n_in, f_in)
     p_out = make_projection(config.init, config.seed, info.name, "out", info.k_out, info.n_out, f_out)
     return p_in, p_out
 

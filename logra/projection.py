@@ -3,7 +3,9 @@
 Each selected layer gets an input projection P_in (k_in, n_in) and an output projection
 P_out (k_out, n_out). They are drawn on the CPU in float64 from a generator seeded by a hash of
 (seed, layer name, side, k, n), so every process, every later run and the query side get
-bit-identical matrices without exchanging them.
+bit-identical matrices without exchanging them. With `LoGraConfig.share_input_projection` (the
+default), P_in is drawn under the name `SHARED_INPUT` instead of the layer's, so layers of one
+input width share it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from torch import Tensor
 
 from logra.config import ProjectionInit
 from logra.errors import ConfigError
+
+SHARED_INPUT = "*"
+"""The name that seeds a shared input projection (LoGraConfig.share_input_projection): with it,
+every layer of input width n and projection size k uses the P_in of ("*", "in", k, n)."""
 
 
 def projection_seed(seed: int, name: str, side: str, k: int, n: int) -> int:

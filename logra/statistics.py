@@ -16,6 +16,11 @@ import torch
 from torch import Tensor
 
 
+def outer(x: Tensor) -> Tensor:
+    """xᵀx of flattened tokens x (M, k) as a float64 CPU (k, k) tensor."""
+    return (x.T @ x).to(device="cpu", dtype=torch.float64)
+
+
 @dataclass
 class KroneckerStatistics:
     """Sums for one layer. `input_sum` (k_in, k_in), `grad_sum` (k_out, k_out), float64."""
@@ -29,10 +34,14 @@ class KroneckerStatistics:
     def zeros(cls, k_in: int, k_out: int) -> KroneckerStatistics:
         return cls(torch.zeros(k_in, k_in, dtype=torch.float64), torch.zeros(k_out, k_out, dtype=torch.float64))
 
-    def add_(self, x: Tensor, g: Tensor, n_tokens: int, n_examples: int) -> None:
-        """Accumulate flattened projected tokens. x: (M, k_in), g: (M, k_out); masked rows are zero."""
-        self.input_sum += (x.T @ x).to(device="cpu", dtype=torch.float64)
-        self.grad_sum += (g.T @ g).to(device="cpu", dtype=torch.float64)
+    def add_(self, x: Tensor, g: Tensor, n_tokens: int, n_examples: int, input_outer: Tensor | None = None) -> None:
+        """Accumulate flattened projected tokens. x: (M, k_in), g: (M, k_out); masked rows are zero.
+
+        input_outer: xᵀx when the caller already has it (float64 CPU), e.g. from a layer that read
+        the same projected input.
+        """
+        self.input_sum += outer(x) if input_outer is None else input_outer
+        self.grad_sum += outer(g)
         self.n_tokens += int(n_tokens)
         self.n_examples += int(n_examples)
 

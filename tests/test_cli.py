@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from logra.cli import main
 from logra.config import ProjectionInit
-from logra.projection import make_projection
+from logra.projection import SHARED_INPUT, make_projection
 from logra.store import GradientStore
 
 TRAIN = [
@@ -156,7 +156,7 @@ def _reference_row(model, layers, ids: list[int], n_prompt: int, reduction: str)
     for layer in layers:
         module = model.get_submodule(layer.name)
         grad = module.weight.grad.T  # Conv1D stores (n_in, n_out)
-        p_in = make_projection(ProjectionInit.GAUSSIAN, 0, layer.name, "in", layer.k_in, layer.n_in)
+        p_in = make_projection(ProjectionInit.GAUSSIAN, 0, SHARED_INPUT, "in", layer.k_in, layer.n_in)
         p_out = make_projection(ProjectionInit.GAUSSIAN, 0, layer.name, "out", layer.k_out, layer.n_out)
         parts.append((p_out @ grad @ p_in.T).reshape(-1))
     return torch.cat(parts)
@@ -309,7 +309,7 @@ def test_classification_from_a_config_matches_reference(env: dict[str, Path], tm
         F.cross_entropy(logits, torch.tensor([LABELS[i]])).backward()
         parts = []
         for layer in store.layers:
-            p_in = make_projection(ProjectionInit.GAUSSIAN, 0, layer.name, "in", layer.k_in, layer.n_in)
+            p_in = make_projection(ProjectionInit.GAUSSIAN, 0, SHARED_INPUT, "in", layer.k_in, layer.n_in)
             p_out = make_projection(ProjectionInit.GAUSSIAN, 0, layer.name, "out", layer.k_out, layer.n_out)
             parts.append((p_out @ model.get_submodule(layer.name).weight.grad @ p_in.T).reshape(-1))
         torch.testing.assert_close(store.rows(i, i + 1)[0], torch.cat(parts), rtol=1e-9, atol=1e-12)

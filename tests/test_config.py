@@ -81,6 +81,16 @@ def test_to_dict_from_dict_round_trip_through_json(cfg: logra.LoGraConfig) -> No
     assert back == cfg and back.fingerprint() == cfg.fingerprint() and back.to_dict() == cfg.to_dict()
 
 
+def test_configs_written_before_input_sharing_read_as_per_layer_projections() -> None:
+    """A store manifest without the field was logged with one input projection per layer."""
+    data = logra.LoGraConfig().to_dict()
+    del data["share_input_projection"]
+    assert logra.LoGraConfig.from_dict(data).share_input_projection is False
+    assert logra.LoGraConfig().share_input_projection is True
+    with pytest.raises(ConfigError, match="share_input_projection"):
+        logra.LoGraConfig(share_input_projection=1)  # type: ignore[arg-type]
+
+
 def test_from_dict_refuses_unknown_fields_and_non_dicts() -> None:
     data = logra.LoGraConfig().to_dict()
     with pytest.raises(ConfigError, match="statistic"):
@@ -94,7 +104,7 @@ def test_from_dict_refuses_unknown_fields_and_non_dicts() -> None:
 CHANGES = [
     ("k_in", 3), ("k_out", 3), ("init", "orthogonal"), ("seed", 1), ("modules", ("*",)), ("exclude", ("a",)),
     ("layer_k", {"a": (1, 1)}), ("dtype", "bfloat16"), ("include_bias", True), ("loss_reduction", "mean"),
-    ("nonfinite", "skip"), ("pca_statistics", "elsewhere"),
+    ("nonfinite", "skip"), ("share_input_projection", False), ("pca_statistics", "elsewhere"),
 ]  # fmt: skip
 
 

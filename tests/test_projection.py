@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -10,12 +11,14 @@ import sys
 
 import pytest
 import torch
-from models import build_model, log_rows, make_examples
+from models import VOCAB, build_model, log_rows, make_examples
+from torch import nn
 
 import logra
+from logra.capture import LayerCapture
 from logra.config import ProjectionInit
 from logra.errors import ConfigError
-from logra.projection import make_projection
+from logra.projection import SHARED_INPUT, make_projection
 
 DRAWN = [ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER, ProjectionInit.ORTHOGONAL]
 CASES = [(init, seed, name, side, k, n) for init in DRAWN for seed in (0, 3) for name in ("fc1", "h.0.mlp.c_fc")
@@ -98,10 +101,77 @@ def test_two_loggers_share_projections_and_they_come_from_make_projection() -> N
     for layer in a.layers:
         pa, pb = a.projection(layer.name), b.projection(layer.name)
         assert all(torch.equal(x, y) for x, y in zip(pa, pb))
-        assert torch.equal(pa[0], make_projection(cfg.init, 3, layer.name, "in", layer.k_in, layer.n_in))
+        assert torch.equal(pa[0], make_projection(cfg.init, 3, SHARED_INPUT, "in", layer.k_in, layer.n_in))
         assert torch.equal(pa[1], make_projection(cfg.init, 3, layer.name, "out", layer.k_out, layer.n_out))
     with pytest.raises(ConfigError, match="'nope' is not logged"):
         a.projection("nope")
+    per_layer = logra.GradientLogger(build_model("gpt2"), dataclasses.replace(cfg, share_input_projection=False))
+    per_layer.close()
+    for layer in per_layer.layers:
+        p_in = make_projection(cfg.init, 3, layer.name, "in", layer.k_in, layer.n_in)
+        assert torch.equal(per_layer.projection(layer.name)[0], p_in)
+
+
+def test_shared_input_projection_is_one_matrix_and_one_product_per_input() -> None:
+    """q, k and v (and gate and up) read one tensor: with a shared P_in they hold one matrix and one
+    x̃; rows still equal the per-example autograd reference (checked by the capture tests)."""
+    model = build_model("llama").double()
+    cfg = logra.LoGraConfig(k_in=4, k_out=3, dtype="float64")
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
+    with logra.GradientLogger(model, cfg) as logger:
+        captures = {c.info.name: c for c in logger._captures}
+        q, k, v, o = (captures[f"model.layers.0.self_attn.{m}_proj"] for m in "qkvo")
+        dev, dt = torch.device("cpu"), torch.float64
+        assert q.projections(dev, dt)[0] is k.projections(dev, dt)[0] is o.projections(dev, dt)[0]
+        seen = []
+        original = LayerCapture.take
+
+        def spy(self: LayerCapture) -> list:
+            calls = original(self)
+            seen.append((self.info.name, [c.x for c in calls]))
+            return calls
+
+        LayerCapture.take = spy  # type: ignore[method-assign]
+        try:
+            with logger.record(ids=[0, 1]):
+                model(input_ids=ids).logits.sum().backward()
+        finally:
+            LayerCapture.take = original  # type: ignore[method-assign]
+    x = dict(seen)
+    assert x["model.layers.0.self_attn.q_proj"][0] is x["model.layers.0.self_attn.k_proj"][0]
+    assert x["model.layers.0.self_attn.k_proj"][0] is x["model.layers.0.self_attn.v_proj"][0]
+    assert x["model.layers.0.self_attn.o_proj"][0] is not x["model.layers.0.self_attn.q_proj"][0]
+    assert x["model.layers.0.mlp.gate_proj"][0] is x["model.layers.0.mlp.up_proj"][0]
+
+
+def test_an_input_changed_in_place_is_projected_again() -> None:
+    """Two layers reading one tensor reuse x̃ only while the tensor is unchanged (its version)."""
+
+    class TwoReads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.clone()
+            ya = self.a(h)
+            h.mul_(2.0)  # same tensor object, new contents
+            return ya + self.b(h)
+
+    torch.manual_seed(0)
+    model = TwoReads().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    cfg = logra.LoGraConfig(k_in=2, k_out=2, dtype="float64")
+    with logra.GradientLogger(model, cfg) as logger:
+        # Frozen weights: autograd saves no input of a, so the in-place edit is legal.
+        with logger.record(ids=[0, 1, 2], param_grads=False) as rec:
+            model(x).sum().backward()
+    p_in, p_out = logger.projection("b")
+    assert torch.equal(p_in, logger.projection("a")[0])  # one shared P_in: only the version tells them apart
+    for i in range(3):
+        grad_b = torch.ones(3, 1, dtype=torch.float64) @ (2.0 * x[i : i + 1])  # d sum(b(h)) / d W_b, h = 2x
+        expected = (p_out @ grad_b @ p_in.T).reshape(-1)
+        torch.testing.assert_close(rec.rows[i, 4:], expected, rtol=1e-10, atol=1e-12)
 
 
 def test_projection_returns_copies() -> None:
