@@ -8,8 +8,9 @@ allocator, peak memory in a second process with the strict one (`bench_common.ru
 The `floor` row is a forward+backward that computes activation gradients only: the least any
 per-example logging pass must do. Setup that happens once per run (logra drawing its
 projections and opening the store, LogIX wrapping the layers in LoRA modules, TRAK building its
-projector) is not timed; writing the rows to disk is. Peak memory is the process's VmHWM during each loop (absolute, MiB), and
-storage is the bytes the tool left on disk divided by the number of examples.
+projector) is not timed; writing the rows to disk is. Peak memory is the process's VmHWM during
+each loop (absolute, MiB), and storage is the bytes the tool left on disk divided by the number
+of examples.
 
     .venv/bin/python benchmarks/throughput.py                   # logra only (make bench)
     .venv-peers/bin/python benchmarks/throughput.py --peers     # with LogIX and TRAK (make bench-peers)
