@@ -134,7 +134,13 @@ def storage_lines(t: dict[str, Any] | None, e: dict[str, Any] | None) -> list[st
     """Bytes on disk per training example (3): each tool without statistics, and what e2e left."""
     lines = ["| tool | setting | bytes / example |", "| --- | --- | --- |"]
     for r in (t or {}).get("rows", []):
-        if "error" in r or r.get("statistics") or r.get("param_grads") or r.get("hessian") == "kfac":
+        if (
+            r["tool"] == "floor"
+            or "error" in r
+            or r.get("statistics")
+            or r.get("param_grads")
+            or r.get("hessian") == "kfac"
+        ):
             continue
         setting = f"proj_dim {r['proj_dim']}" if r["tool"] == "trak" else f"k={r['k']}"
         lines.append(f"| {r['tool']} | {setting}, {r['batches'] * 8} examples | {r['bytes_per_example']:,.0f} |")

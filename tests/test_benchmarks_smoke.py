@@ -5,7 +5,8 @@
   projections, float64);
 - the cached ground truth loads into a model that reproduces the cached query losses, and the
   generated corpus follows its Markov chains;
-- the end-to-end child runs the whole logra path and reports consistent costs;
+- the end-to-end child runs the whole logra path and reports consistent costs; the throughput
+  child runs the floor and logra's pass and leaves rows on disk only for logra;
 - the report states targets as met / not met and names a peer that wins, from given numbers.
 """
 
@@ -27,6 +28,7 @@ import e2e  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
 import tasks  # noqa: E402
+import throughput  # noqa: E402
 
 
 def _per_example_grads(model: torch.nn.Module, w: peers.Workload, batch: peers.Batch) -> torch.Tensor:
@@ -90,6 +92,13 @@ def test_e2e_child_runs_the_logra_path_and_reports_consistent_costs() -> None:
     assert out["total_s"] == pytest.approx(phases)
     assert out["cost_n_bare"] == pytest.approx(out["total_s"] / out["bare_s"])
     assert out["more"]["8"]["shape"] == [8, 8] and out["stored_bytes"] > 8 * 28 * 8 * 8 * 4
+
+
+def test_throughput_child_times_the_floor_and_logra() -> None:
+    floor = throughput.child({"tool": "floor", "k": None}, n_batches=1, rounds=1)
+    ours = throughput.child({"tool": "logra", "k": 8, "statistics": True, "param_grads": False}, 1, 1)
+    assert floor["time_ratio"] > 0 and floor["bytes_per_example"] == 0
+    assert ours["time_ratio"] > 0 and ours["bytes_per_example"] > 28 * 8 * 8 * 4  # float32 rows and more
 
 
 def _results(tmp: Path, logra_lds: float, kron_lds: float, logix_ratio: float) -> None:
@@ -177,6 +186,15 @@ def test_report_states_targets_and_where_a_peer_wins(tmp_path: Path) -> None:
     text = report.section(tmp_path)
     assert "**not met**" in text.split("within 0.02 of Kronfluence")[1].splitlines()[0]
     assert "| 1.20× | **not met** |" in text
+
+    # A floor row bounds what any logging pass can reach: LogIX at 1.2, floor at 0.9 -> 1.33x at best.
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    data["rows"].insert(0, {"tool": "floor", "k": None, "time_ratio": 0.9, "tokens_per_s": 1.0,
+                            "tool_peak_mib": 1.0, "bare_peak_mib": 1.0, "bytes_per_example": 0})  # fmt: skip
+    (tmp_path / "throughput.json").write_text(json.dumps(data))
+    text = report.section(tmp_path)
+    assert "| floor: forward + activation gradients, no hooks | – | – | no | 0.90 |" in text
+    assert "1.20× (no logging pass can reach it here: the floor is 1.33× LogIX's throughput) | **not met** |" in text
 
 
 def test_report_takes_logras_rows_from_a_newer_make_bench_run(tmp_path: Path) -> None:
