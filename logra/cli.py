@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"], help="storage dtype"
     )
     g.add_argument("--include-bias", action="store_true", help="log bias gradients too")
+    g.add_argument(
+        "--per-layer-input-projection",
+        action="store_true",
+        help="draw every layer's input projection separately instead of one per input width "
+        "(how stores were logged before shared input projections; needed to resume such a store)",
+    )
     g.add_argument("--nonfinite", default="raise", choices=["raise", "skip"], help="on a NaN/Inf gradient")
     g.add_argument("--shard-rows", type=int, help="rows per shard (default: 256 MiB shards)")
     g.add_argument("--no-statistics", action="store_true", help="do not accumulate KFAC statistics")

@@ -113,6 +113,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         include_bias=args.include_bias,
         nonfinite=args.nonfinite,
+        share_input_projection=not args.per_layer_input_projection,
     )
     model, tokenizer, task = load_model(settings)
     settings.task = task.value
