@@ -9,9 +9,11 @@ every score with a single-process run computed here.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -229,11 +231,47 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# gloo on this CPU build now and then aborts a rank at process teardown with this C++ message (a
+# joinable std::thread destroyed); it is not a result of the test. Such a launch is run once more;
+# any other failure, or the same one twice, fails the test.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _launch(args: list[str], out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(SCRIPTS), env.get("PYTHONPATH", "")])
     proc = subprocess.run(args + [str(out)], env=env, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and GLOO_TEARDOWN_ABORT in proc.stderr:
+        warnings.warn(f"{args[:4]}: a rank aborted ({GLOO_TEARDOWN_ABORT!r}); launching once more", stacklevel=2)
+        shutil.rmtree(out)  # start from nothing: no store or result of the aborted launch is reused
+        out.mkdir()
+        proc = subprocess.run(args + [str(out)], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{args[:4]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def test_launch_retries_only_a_gloo_teardown_abort(tmp_path: Path) -> None:
+    """A launch that aborts with gloo's teardown message runs once more (in an emptied folder);
+    any other failure is not retried."""
+    code = (
+        "import sys, pathlib\n"
+        "state, mode, out = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3])\n"
+        "assert not any(out.iterdir()), 'the retry must start from an empty folder'\n"
+        "(out / 'partial').touch()\n"
+        "if mode == 'abort' and not (state / 'aborted').exists():\n"
+        "    (state / 'aborted').touch()\n"
+        "    sys.stderr.write('terminate called without an active exception\\n')\n"
+        "    sys.exit(1)\n"
+        "sys.exit(0 if mode == 'abort' else 1)\n"
+    )
+    state, out = tmp_path / "state", tmp_path / "out"
+    state.mkdir(), out.mkdir()
+    with pytest.warns(UserWarning, match="launching once more"):
+        _launch([sys.executable, "-c", code, str(state), "abort"], out)
+    assert (state / "aborted").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(AssertionError, match="failed"):
+        _launch([sys.executable, "-c", code, str(state), "other"], other)
 
 
 @pytest.fixture(scope="module")
