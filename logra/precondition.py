@@ -147,6 +147,11 @@ class Preconditioner:
         """The undamped curvature's eigenvalues of one layer (any shape); None for identity."""
         return None
 
+    @classmethod
+    def damping_reference(cls, eigenvalues: Tensor, layer: LayerInfo, init: ProjectionInit) -> float:
+        """The mean eigenvalue the default damping is relative to (module docstring): the full-size one."""
+        return full_size_mean_eigenvalue(eigenvalues, layer, init)
+
     def _apply_layer(self, layer: LayerInfo, block: Tensor, f: dict[str, Tensor], damping: float) -> Tensor:
         """block (Q, k_out*k_in) -> H⁻¹ block; `f` holds the factors in block's dtype and device."""
         return block.clone()
@@ -312,6 +317,11 @@ class RawPreconditioner(Preconditioner):
     def curvature_eigenvalues(factors: Mapping[str, Tensor]) -> Tensor:
         return factors["eigenvalues"]
 
+    @classmethod
+    def damping_reference(cls, eigenvalues: Tensor, layer: LayerInfo, init: ProjectionInit) -> float:
+        """raw: the projected curvature's own mean (module docstring)."""
+        return float(eigenvalues.mean())
+
     def _apply_layer(self, layer: LayerInfo, block: Tensor, f: dict[str, Tensor], damping: float) -> Tensor:
         vecs = f["eigenvectors"]
         return ((block @ vecs) / (f["eigenvalues"] + damping)) @ vecs.T
@@ -404,12 +414,7 @@ def _resolve_damping(
     for layer in layers:
         if damping is None:
             eig = cls.curvature_eigenvalues(factors[layer.name])
-            if eig is None:
-                mean = 0.0
-            elif cls.method is PreconditionerMethod.RAW:  # see the module docstring
-                mean = float(eig.mean())
-            else:
-                mean = full_size_mean_eigenvalue(eig, layer, init)
+            mean = cls.damping_reference(eig, layer, init) if eig is not None else 0.0
             if not mean > 0:
                 raise ConfigError(
                     f"layer {layer.name!r} has zero curvature (every stored gradient of it is zero), so the default "
