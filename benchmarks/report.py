@@ -60,8 +60,9 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 def throughput_table(t: dict[str, Any]) -> list[str]:
     lines = [
-        "| tool | k | statistics | weight grads | time / bare | tokens/s | peak MiB (bare) | bytes/example |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| tool | k | statistics | weight grads | time / bare | examples/s | tokens/s | peak MiB (bare) "
+        "| bytes/example |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in t["rows"]:
         tool = {
@@ -79,10 +80,11 @@ def throughput_table(t: dict[str, Any]) -> list[str]:
         grads = {"floor": "no", "logra": "yes" if r.get("param_grads") else "no", "logix": "no", "trak": "–"}[r["tool"]]
         k = "–" if r["k"] is None else r["k"]
         if "error" in r:
-            lines.append(f"| {tool} | {k} | {stats} | {grads} | did not run: {r['error'][:160]} | | | |")
+            lines.append(f"| {tool} | {k} | {stats} | {grads} | did not run: {r['error'][:160]} | | | | |")
             continue
         lines.append(
-            f"| {tool} | {k} | {stats} | {grads} | {r['time_ratio']:.2f} | {r['tokens_per_s']:.0f} "
+            f"| {tool} | {k} | {stats} | {grads} | {r['time_ratio']:.2f} | {r['examples_per_s']:.1f} "
+            f"| {r['tokens_per_s']:.0f} "
             f"| {r['tool_peak_mib']:.0f} ({r['bare_peak_mib']:.0f}) | {r['bytes_per_example']:,.0f} |"
         )
     return lines

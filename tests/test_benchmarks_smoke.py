@@ -118,7 +118,13 @@ def _results(tmp: Path, logra_lds: float, kron_lds: float, logix_ratio: float) -
             "traker": "3",
         },
     }
-    row = {"tokens_per_s": 1.0, "tool_peak_mib": 2.0, "bare_peak_mib": 1.0, "bytes_per_example": 4}
+    row = {
+        "examples_per_s": 0.5,
+        "tokens_per_s": 1.0,
+        "tool_peak_mib": 2.0,
+        "bare_peak_mib": 1.0,
+        "bytes_per_example": 4,
+    }
     throughput = {
         "machine": machine,
         "model": {"num_hidden_layers": 4, "hidden_size": 256, "vocab_size": 8},
@@ -189,11 +195,11 @@ def test_report_states_targets_and_where_a_peer_wins(tmp_path: Path) -> None:
 
     # A floor row bounds what any logging pass can reach: LogIX at 1.2, floor at 0.9 -> 1.33x at best.
     data = json.loads((tmp_path / "throughput.json").read_text())
-    data["rows"].insert(0, {"tool": "floor", "k": None, "time_ratio": 0.9, "tokens_per_s": 1.0,
+    data["rows"].insert(0, {"tool": "floor", "k": None, "time_ratio": 0.9, "examples_per_s": 0.5, "tokens_per_s": 1.0,
                             "tool_peak_mib": 1.0, "bare_peak_mib": 1.0, "bytes_per_example": 0})  # fmt: skip
     (tmp_path / "throughput.json").write_text(json.dumps(data))
     text = report.section(tmp_path)
-    assert "| floor: forward + activation gradients, no hooks | – | – | no | 0.90 |" in text
+    assert "| floor: forward + activation gradients, no hooks | – | – | no | 0.90 | 0.5 | 1 |" in text
     assert "1.20× (no logging pass can reach it here: the floor is 1.33× LogIX's throughput) | **not met** |" in text
 
 
