@@ -26,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import logra
 from logra import distributed
-from logra.precondition import fit_preconditioner
+from logra.curvature import fit_preconditioner
 from logra.score import Scorer
 
 N, Q, T, VOCAB = 48, 4, 16, 64
@@ -187,8 +187,8 @@ def run_throughput(out: Path, device: torch.device) -> None:
 
 def scoring_throughput(out: Path, device: torch.device) -> dict:
     """Score 64 queries against a synthetic bf16 store (N x D = 131072 x 8192 on GPU: 2 GiB)."""
-    from logra.capture import LayerInfo
     from logra.store import StoreWriter
+    from logra.types import LayerInfo
 
     n, n_layers, k = (131072, 8, 32) if device.type == "cuda" else (4096, 4, 16)
     layers = [LayerInfo(f"l{i}", "Linear", k, k, k, k, False, i * k * k) for i in range(n_layers)]

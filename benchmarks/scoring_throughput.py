@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import logra
-from logra.capture import LayerInfo
 from logra.store import StoreWriter
+from logra.types import LayerInfo
 
 
 def build_store(root: Path, rows: int, dim: int, shard_bytes: int = 256 * 2**20) -> logra.GradientStore:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import logra
-from logra.precondition import fit_preconditioner
+from logra.curvature import fit_preconditioner
 from logra.score import Scorer
 
 REPO = Path(__file__).resolve().parent.parent

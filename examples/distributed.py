@@ -24,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import logra
 from logra import distributed
-from logra.precondition import fit_preconditioner
+from logra.curvature import fit_preconditioner
 
 N, T, VOCAB = 64, 10, 50
 

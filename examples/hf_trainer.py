@@ -28,10 +28,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import logra
 from logra import distributed
+from logra.curvature import fit_preconditioner
 from logra.integrations.hf import log_trainer, trainer_rows
 from logra.integrations.hf_callback import LoGraCallback, tracin_scores
 from logra.integrations.hf_export import add_scores_column, save_parquet, scores_table
-from logra.precondition import fit_preconditioner
 from logra.score import Scorer
 
 VOCAB, LENGTH = 32, 12

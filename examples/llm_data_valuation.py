@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from demo_setup import PROMPTS, completions, convert_model, corpus, held_out_passages  # noqa: E402
 
 import logra  # noqa: E402
+from logra.curvature import fit_preconditioner  # noqa: E402
 from logra.losses import causal_lm_loss  # noqa: E402
-from logra.precondition import fit_preconditioner  # noqa: E402
 from logra.report import build_queries, format_summary, write_report  # noqa: E402
 from logra.score import Scorer  # noqa: E402
 

@@ -25,9 +25,9 @@ from typing import Any
 from torch import nn
 
 from logra import distributed
+from logra.capture import GradientLogger
 from logra.config import LoGraConfig
 from logra.errors import ConfigError
-from logra.logger import GradientLogger
 
 
 def check_accelerator(accelerator: Any) -> None:

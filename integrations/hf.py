@@ -35,11 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from logra import distributed
+from logra.capture import GradientLogger
 from logra.config import LoGraConfig
 from logra.errors import CaptureError, ConfigError
-from logra.logger import GradientLogger
-from logra.losses import TokenReduction, causal_lm_loss, parse_enum, sequence_classification_loss
-from logra.store import ExampleId, GradientStore, normalize_ids
+from logra.losses import TokenReduction, causal_lm_loss, sequence_classification_loss
+from logra.store import GradientStore
+from logra.types import ExampleId, normalize_ids, parse_enum
 
 
 class Task(str, enum.Enum):

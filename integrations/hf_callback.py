@@ -30,10 +30,11 @@ from transformers import TrainerCallback
 
 from logra import distributed
 from logra.config import LoGraConfig
+from logra.curvature import fit_preconditioner
 from logra.errors import ConfigError, StoreError
-from logra.precondition import fit_preconditioner
 from logra.score import Scorer
-from logra.store import ExampleId, GradientStore
+from logra.store import GradientStore
+from logra.types import ExampleId
 
 from .hf import log_trainer
 

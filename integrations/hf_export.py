@@ -15,7 +15,7 @@ from torch import Tensor
 
 from logra.errors import ConfigError
 from logra.score import TopK
-from logra.store import ExampleId
+from logra.types import ExampleId
 
 from .hf import dataset_ids
 

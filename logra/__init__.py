@@ -6,9 +6,13 @@ with one matmul per chunk.
 """
 
 from logra import evaluation
-from logra.capture import LayerAdapter, LayerInfo
+from logra.capture.adapters import LayerAdapter
+from logra.capture.logger import GradientLogger, Record
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit, StorageDtype
-from logra.curvature import FisherStatistics, sampled_cross_entropy, true_fisher_statistics
+from logra.curvature.fisher import sampled_cross_entropy, true_fisher_statistics
+from logra.curvature.moments import FisherStatistics
+from logra.curvature.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner
+from logra.curvature.saved import load_preconditioner
 from logra.errors import (
     CaptureError,
     ConfigError,
@@ -18,11 +22,9 @@ from logra.errors import (
     StoreCorruptedError,
     StoreError,
 )
-from logra.logger import GradientLogger, Record
-from logra.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner, load_preconditioner
 from logra.score import Normalization, Scorer, TopK
-from logra.statistics import KroneckerStatistics
-from logra.store import GradientStore
+from logra.store.reader import GradientStore
+from logra.types import KroneckerStatistics, LayerInfo
 
 __version__ = "0.1.0"
 

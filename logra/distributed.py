@@ -31,13 +31,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from logra.capture.logger import GradientLogger
 from logra.config import LoGraConfig
+from logra.curvature.precondition import Preconditioner, fit_preconditioner
+from logra.curvature.saved import load_preconditioner
 from logra.errors import ConfigError, StoreError
-from logra.logger import GradientLogger
-from logra.precondition import Preconditioner, fit_preconditioner, load_preconditioner
 from logra.score import Scorer, TopK
-from logra.statistics import KroneckerStatistics
-from logra.store import GradientStore, merge_rank_manifests, rank_manifest_name, read_manifest
+from logra.store.manifest import rank_manifest_name, read_manifest
+from logra.store.merge import merge_rank_manifests
+from logra.store.reader import GradientStore
+from logra.types import KroneckerStatistics
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default group
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from logra.errors import ConfigError
-from logra.store import ExampleId
+from logra.types import ExampleId
 
 HIST_BINS = 40
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]{2,}")

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from logra.curvature.precondition import Preconditioner
 from logra.errors import ConfigError, NonFiniteGradientError
-from logra.precondition import Preconditioner
-from logra.store import ExampleId, GradientStore, check_compatible
+from logra.store.reader import GradientStore, check_compatible
+from logra.types import ExampleId
 
 
 class Normalization(str, enum.Enum):

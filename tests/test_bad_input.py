@@ -27,9 +27,9 @@ from models import (
 from torch import nn
 
 import logra
-from logra.encoding import TORCH_DTYPES
 from logra.errors import CaptureError, ConfigError, DuplicateIdError, NonFiniteGradientError, StoreError
 from logra.store import check_compatible
+from logra.store.encoding import TORCH_DTYPES
 
 REL = 1e-10
 

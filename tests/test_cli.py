@@ -19,9 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from logra.capture import make_projection
+from logra.capture.projection import SHARED_INPUT
 from logra.cli import main
 from logra.config import ProjectionInit
-from logra.projection import SHARED_INPUT, make_projection
 from logra.store import GradientStore
 
 TRAIN = [

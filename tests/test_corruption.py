@@ -22,7 +22,7 @@ from models import build_model, log_rows, make_examples
 
 import logra
 from logra.errors import StoreCorruptedError, StoreError
-from logra.manifest import manifest_checksum
+from logra.store.manifest import manifest_checksum
 
 N, SHARD_ROWS = 10, 4  # shards of 4, 4 and 2 rows
 

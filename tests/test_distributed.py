@@ -22,8 +22,8 @@ from torch import nn
 
 import logra
 from logra import distributed
+from logra.curvature import fit_preconditioner
 from logra.errors import ConfigError, DuplicateIdError, StoreError
-from logra.precondition import fit_preconditioner
 from logra.score import Scorer
 from logra.store import merge_rank_manifests
 

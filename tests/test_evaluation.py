@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import logra
+from logra.curvature import fit_preconditioner
 from logra.evaluation import (
     leave_one_out_correlation,
     leave_one_out_subsets,
@@ -21,7 +22,6 @@ from logra.evaluation import (
     retrain_on_random_subsets,
     spearman,
 )
-from logra.precondition import fit_preconditioner
 from logra.score import Scorer
 
 scipy_stats = pytest.importorskip("scipy.stats")

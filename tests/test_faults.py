@@ -442,7 +442,7 @@ def test_a_stopped_writer_refuses_further_batches(tmp_path, monkeypatch) -> None
 
 def test_interrupt_while_statistics_update_commits_nothing_half_done(tmp_path, monkeypatch, local_reference) -> None:
     """Ctrl-C in the middle of a batch's statistics: close() must not commit half-added statistics."""
-    import logra.logger as logger_module
+    import logra.capture.logger as logger_module
 
     real, calls = logger_module._accumulate, [0]
 

@@ -29,7 +29,7 @@ from models import build_model, log_rows, make_examples
 
 import logra
 from logra.errors import LograError
-from logra.manifest import ShardInfo, load_manifest, manifest_checksum, parse_ids_file, parse_manifest
+from logra.store.manifest import ShardInfo, load_manifest, manifest_checksum, parse_ids_file, parse_manifest
 
 SETTINGS = settings(deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip

@@ -337,7 +337,7 @@ def test_scores_join_back_by_id_and_export_to_parquet(tmp_path: Path) -> None:
     model = common.model()
     trainer = common.hf_trainer(model, tmp_path / "t", common.hf_dataset())
     store = log_trainer(trainer, common.CONFIG, tmp_path / "s", id_column="uid")
-    from logra.precondition import fit_preconditioner
+    from logra.curvature import fit_preconditioner
     from logra.score import Scorer
 
     scorer = Scorer(store, fit_preconditioner(store, "identity"), compute_dtype=torch.float64)

@@ -18,9 +18,8 @@ import torch
 from torch import Tensor, nn
 
 import logra
-from logra.curvature import sampled_cross_entropy, true_fisher_statistics
+from logra.curvature import fit_preconditioner, sampled_cross_entropy, true_fisher_statistics
 from logra.evaluation import leave_one_out_correlation, leave_one_out_subsets, retrain
-from logra.precondition import fit_preconditioner
 from logra.score import Scorer
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")

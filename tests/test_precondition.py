@@ -22,16 +22,12 @@ from _scoring_fixtures import (  # noqa: F401  (the `gpt2` and `mlp` fixtures)
 from torch import Tensor, nn
 
 import logra
-from logra.capture import LayerInfo
+from logra.capture import make_projection
 from logra.config import ProjectionInit
-from logra.curvature import EigenbasisMoments, GradientCovariance, sampled_cross_entropy, true_fisher_statistics
-from logra.precondition import (
-    EKFACPreconditioner,
-    fit_preconditioner,
-    full_size_mean_eigenvalue,
-    load_preconditioner,
-)
-from logra.projection import make_projection
+from logra.curvature import fit_preconditioner, load_preconditioner, sampled_cross_entropy, true_fisher_statistics
+from logra.curvature.moments import EigenbasisMoments, GradientCovariance
+from logra.curvature.precondition import EKFACPreconditioner, full_size_mean_eigenvalue
+from logra.types import LayerInfo
 
 METHODS = ["kfac", "ekfac", "raw"]
 

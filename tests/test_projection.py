@@ -15,10 +15,11 @@ from models import VOCAB, build_model, log_rows, make_examples
 from torch import nn
 
 import logra
-from logra.capture import LayerCapture
+from logra.capture import make_projection
+from logra.capture.hooks import LayerCapture
+from logra.capture.projection import SHARED_INPUT
 from logra.config import ProjectionInit
 from logra.errors import ConfigError
-from logra.projection import SHARED_INPUT, make_projection
 
 DRAWN = [ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER, ProjectionInit.ORTHOGONAL]
 CASES = [(init, seed, name, side, k, n) for init in DRAWN for seed in (0, 3) for name in ("fc1", "h.0.mlp.c_fc")
@@ -48,7 +49,7 @@ def test_identical_in_another_process() -> None:
     code = (
         "import hashlib, json, sys\n"
         "from logra.config import ProjectionInit\n"
-        "from logra.projection import make_projection\n"
+        "from logra.capture.projection import make_projection\n"
         "out = []\n"
         "for init, seed, name, side, k, n in json.loads(sys.stdin.read()):\n"
         "    p = make_projection(ProjectionInit(init), seed, name, side, k, n)\n"

@@ -8,7 +8,7 @@ import torch
 from _scoring_fixtures import Logged, TinyMLP, dense_inverse, gpt2_fixture, log_mlp, mlp_fixture  # noqa: F401  (the `gpt2` and `mlp` fixtures)
 
 import logra
-from logra.precondition import fit_preconditioner
+from logra.curvature import fit_preconditioner
 from logra.score import Scorer
 
 METHODS = ["identity", "kfac", "ekfac", "raw"]

@@ -16,8 +16,8 @@ from common import CONFIG, N_TRAIN, log_batches, model, query_rows
 
 import logra
 from logra import distributed
+from logra.curvature import fit_preconditioner
 from logra.integrations.accelerate import accelerate_logger, share
-from logra.precondition import fit_preconditioner
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import logra
 from logra import distributed
+from logra.curvature import fit_preconditioner
 from logra.integrations.hf import log_trainer
-from logra.precondition import fit_preconditioner
 
 
 def share_batches(batch_size: int) -> list:

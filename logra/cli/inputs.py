@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from logra.capture.logger import GradientLogger
 from logra.errors import ConfigError, LograError
-from logra.logger import GradientLogger
 from logra.losses import IGNORE_INDEX, TokenReduction, causal_lm_loss, sequence_classification_loss
-from logra.store import ExampleId
+from logra.types import ExampleId
 
 SETTINGS_FILE = "logra-cli.json"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}

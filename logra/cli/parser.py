@@ -1,25 +1,10 @@
-"""The `logra` command line: log, fit, score, self-influence, report, verify.
-
-    logra log --model MODEL_DIR --data train.jsonl --out runs/train --modules '*mlp*' --k 16
-    logra fit runs/train --method kfac
-    logra score --store runs/train --queries queries.jsonl --top-k 5 --out topk.csv --matrix scores.npy
-    logra self-influence --store runs/train --out self.csv
-    logra report --scores scores.npy --out report.html
-    logra verify runs/train
-
-`log` saves the model and encoding settings beside the store (`logra-cli.json`), so `score`
-encodes queries exactly as the training data was encoded. Every error logra raises on purpose is
-printed as one message and exits with status 2.
-"""
+"""The `logra` argument parser: subcommands, their options, and their help."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
 
-from logra.cli_commands import cmd_fit, cmd_log, cmd_report, cmd_score, cmd_self_influence, cmd_verify
-from logra.errors import LograError
+from logra.cli.commands import cmd_fit, cmd_log, cmd_report, cmd_score, cmd_self_influence, cmd_verify
 
 DAMPING_HELP = "λ (default: 0.1 x a mean eigenvalue of each layer's curvature; see fit_preconditioner)"
 
@@ -171,21 +156,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="the store directory")
     p.set_defaults(func=cmd_verify)
     return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 a logra error, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except LograError as exc:
-        print(f"logra {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"logra {args.command}: interrupted (committed shards are kept; rerun with --resume)", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

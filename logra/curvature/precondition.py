@@ -24,27 +24,24 @@ Damping λ is explicit (one value, or one per layer) or, by default, `DEFAULT_RE
   raw's LDS by up to 0.08 while raising kfac's and ekfac's).
 
 Preconditioners are pure: fitting twice gives identical tensors, `apply` never edits its input or
-the preconditioner. They are saved as JSON plus an .npz read with `allow_pickle=False`.
+the preconditioner. They are saved as JSON plus an .npz read with `allow_pickle=False`
+(`logra.curvature.saved`).
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from logra.capture import LayerInfo
 from logra.config import ProjectionInit
-from logra.curvature import (
+from logra.curvature.moments import (
     CurvatureSource,
     EigenbasisMoments,
     FisherStatistics,
@@ -53,15 +50,11 @@ from logra.curvature import (
     curvature_source,
     kronecker_eigenbases,
 )
-from logra.errors import ConfigError, StoreCorruptedError, StoreError
-from logra.statistics import KroneckerStatistics
-from logra.store import GradientStore
+from logra.errors import ConfigError
+from logra.store.reader import GradientStore
+from logra.types import KroneckerStatistics, LayerInfo, parse_enum
 
 DEFAULT_RELATIVE_DAMPING = 0.1
-FORMAT = "logra-preconditioner"
-FORMAT_VERSION = 1
-_JSON = "preconditioner.json"
-_NPZ = "factors.npz"
 
 
 class PreconditionerMethod(str, enum.Enum):
@@ -71,14 +64,6 @@ class PreconditionerMethod(str, enum.Enum):
     KFAC = "kfac"
     EKFAC = "ekfac"
     RAW = "raw"
-
-    @classmethod
-    def parse(cls, value: PreconditionerMethod | str) -> PreconditionerMethod:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in cls)
-            raise ConfigError(f"preconditioner method {value!r} is not one of {choices}.") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,33 +171,9 @@ class Preconditioner:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write `preconditioner.json` and `factors.npz` into `directory` (created); returns it."""
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            f"{i}.{k}": v.to("cpu", torch.float64).numpy()
-            for i, layer in enumerate(self.layers)
-            for k, v in self.factors[layer.name].items()
-        }
-        tmp = root / (_NPZ + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / _NPZ)
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "method": self.method.value,
-            "fisher": self.fisher,
-            "projection_fingerprint": self.fingerprint,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "damping": self.damping,
-            "factors": {"file": _NPZ, "sha256": _sha256(root / _NPZ)},
-        }
-        tmp = root / (_JSON + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        os.replace(tmp, root / _JSON)
-        return root
+        from logra.curvature.saved import save_preconditioner  # saved.py reads the registry defined here
+
+        return save_preconditioner(self, directory)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layers={len(self.layers)}, D={self.dim}, fisher={self.fisher!r})"
@@ -360,7 +321,7 @@ def fit_preconditioner(
         raise ConfigError(f"fit_preconditioner needs a GradientStore.open(path), got a {type(store).__name__}.")
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ConfigError(f"chunk_rows={chunk_rows!r} must be a positive int.")
-    method = PreconditionerMethod.parse(method)
+    method = parse_enum(PreconditionerMethod, method, "method")
     cls = Preconditioner.registry[method]
     if method is PreconditionerMethod.IDENTITY:
         if damping is not None or statistics is not None:
@@ -441,35 +402,3 @@ def _check_invertible(method: PreconditionerMethod, name: str, eig: Tensor | Non
             f"largest {top:.3g}) and damping is {damping}; pass damping > 0, or damping=None for the default "
             "(0.1 x the layer's mean eigenvalue)."
         )
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_preconditioner(directory: str | os.PathLike[str]) -> Preconditioner:
-    """Read a preconditioner written by `Preconditioner.save` (JSON and an .npz; no pickle)."""
-    root = Path(directory)
-    path = root / _JSON
-    if not path.is_file():
-        raise StoreError(f"{root} holds no {_JSON}; write one with fit_preconditioner(...).save({str(root)!r}).")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            found = f"{meta.get('format')!r} version {meta.get('format_version')!r}"
-            raise ValueError(f"format {found} is not {FORMAT!r} version {FORMAT_VERSION}")
-        cls = Preconditioner.registry[PreconditionerMethod(meta["method"])]
-        layers = [LayerInfo(**raw) for raw in meta["layers"]]
-        npz = root / _NPZ
-        if meta["factors"]["file"] != _NPZ or not npz.is_file() or _sha256(npz) != meta["factors"]["sha256"]:
-            raise ValueError(f"{_NPZ} is missing or does not match its checksum")
-        with np.load(npz, allow_pickle=False) as arrays:
-            factors = {
-                layer.name: {k: torch.from_numpy(np.array(arrays[f"{i}.{k}"], dtype=np.float64)) for k in shapes}
-                for i, layer in enumerate(layers)
-                for shapes in [cls.factor_shapes(layer)]
-            }
-        damping = {str(k): float(v) for k, v in meta["damping"].items()}
-        return cls(layers, factors, damping, str(meta["projection_fingerprint"]), str(meta["fisher"]))
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, json.JSONDecodeError, ConfigError) as exc:
-        raise StoreCorruptedError(f"{root}: not a valid saved preconditioner ({exc}); fit and save it again.") from None

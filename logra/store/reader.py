@@ -23,21 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from logra.capture import LayerInfo
 from logra.config import LoGraConfig, StorageDtype
-from logra.encoding import NUMPY_DTYPES, decode_rows, output_dtype
 from logra.errors import ConfigError, StoreCorruptedError, StoreError
-from logra.manifest import (
-    MANIFEST,
-    ExampleId,
-    Manifest,
-    ShardInfo,
-    load_manifest,
-    parse_ids_file,
-    read_manifest_bytes,
-    sha256_file,
-)
-from logra.statistics import KroneckerStatistics, statistics_from_arrays
+from logra.store.encoding import NUMPY_DTYPES, decode_rows, output_dtype
+from logra.store.files import sha256_file
+from logra.store.manifest import MANIFEST, Manifest, ShardInfo, load_manifest, parse_ids_file, read_manifest_bytes
+from logra.store.statistics import statistics_from_arrays
+from logra.types import ExampleId, KroneckerStatistics, LayerInfo
 
 _OPEN_ATTEMPTS = 5  # re-reads of a manifest that a concurrent writer replaced while we opened it
 

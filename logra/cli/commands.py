@@ -8,7 +8,6 @@ datasets, the scorer) happen inside the commands, so `logra --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -19,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from logra.cli.tables import write_table
 from logra.errors import ConfigError, StoreError
-
-_TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
 
 def _say(msg: str) -> None:
@@ -29,46 +27,11 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Output tables.
-
-
-def write_table(path: Path, columns: dict[str, list[Any]]) -> None:
-    """Write equal-length columns as CSV, JSONL or parquet, chosen by the suffix of `path`."""
-    if path.suffix not in _TABLE_SUFFIXES:
-        raise ConfigError(f"output {path} must end in one of {', '.join(_TABLE_SUFFIXES)}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(columns)
-    n = len(columns[names[0]])
-    if path.suffix == ".csv":
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(names)
-            writer.writerows(zip(*(columns[c] for c in names)))
-    elif path.suffix == ".jsonl":
-        with open(path, "w", encoding="utf-8") as f:
-            for i in range(n):
-                f.write(json.dumps({c: columns[c][i] for c in names}) + "\n")
-    else:
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ConfigError("writing .parquet needs pyarrow (pip install pyarrow); or write .csv/.jsonl.") from None
-        pq.write_table(pa.table({c: _arrow_column(columns[c]) for c in names}), path)
-
-
-def _arrow_column(values: list[Any]) -> list[Any]:
-    """Parquet columns need one type: mixed int/str ids become strings."""
-    kinds = {type(v) for v in values}
-    return [str(v) for v in values] if len(kinds) > 1 else values
-
-
-# --------------------------------------------------------------------------------------------
 # Commands.
 
 
 def _settings_from(args: argparse.Namespace, base: Any = None) -> Any:
-    from logra.cli_inputs import ModelSettings
+    from logra.cli.inputs import ModelSettings
 
     if base is None:
         if args.model is None:
@@ -94,10 +57,10 @@ def _settings_from(args: argparse.Namespace, base: Any = None) -> Any:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from logra.cli_inputs import ModelSettings, check_task_fields, encode, load_model, load_records, log_examples
+    from logra.capture.logger import GradientLogger
+    from logra.cli.inputs import ModelSettings, check_task_fields, encode, load_model, load_records, log_examples
     from logra.config import LoGraConfig
-    from logra.logger import GradientLogger
-    from logra.store import MANIFEST
+    from logra.store.manifest import MANIFEST
 
     out = Path(args.out)
     if (out / MANIFEST).exists() and not args.resume:
@@ -150,7 +113,8 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def _preconditioner(args: argparse.Namespace, store: Any) -> Any:
-    from logra.precondition import fit_preconditioner, load_preconditioner
+    from logra.curvature.precondition import fit_preconditioner
+    from logra.curvature.saved import load_preconditioner
 
     if args.preconditioner:
         return load_preconditioner(args.preconditioner)
@@ -163,8 +127,8 @@ def _preconditioner(args: argparse.Namespace, store: Any) -> Any:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from logra.precondition import fit_preconditioner
-    from logra.store import GradientStore
+    from logra.curvature.precondition import fit_preconditioner
+    from logra.store.reader import GradientStore
 
     store = GradientStore.open(args.store)
     pre = fit_preconditioner(store, args.method, damping=args.damping, progress=True)
@@ -176,8 +140,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def _query_rows(args: argparse.Namespace, store: Any) -> tuple[list[Any], torch.Tensor, dict[str, Any]]:
     """Log the query file with the store's config and settings; (query ids, rows [Q, D], the fields read)."""
-    from logra.cli_inputs import ModelSettings, encode, load_model, load_records, log_examples
-    from logra.logger import GradientLogger
+    from logra.capture.logger import GradientLogger
+    from logra.cli.inputs import ModelSettings, encode, load_model, load_records, log_examples
 
     saved = ModelSettings.load(store.root)
     settings = _settings_from(args, saved)
@@ -218,7 +182,7 @@ def _query_rows(args: argparse.Namespace, store: Any) -> tuple[list[Any], torch.
 
 def cmd_score(args: argparse.Namespace) -> int:
     from logra.score import Scorer
-    from logra.store import GradientStore
+    from logra.store.reader import GradientStore
 
     if not args.out and not args.matrix:
         raise ConfigError("pass --out FILE (top-k table), --matrix FILE.npy (all scores), or both.")
@@ -260,7 +224,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_self_influence(args: argparse.Namespace) -> int:
     from logra.score import Scorer
-    from logra.store import GradientStore
+    from logra.store.reader import GradientStore
 
     store = GradientStore.open(args.store)
     values = Scorer(store, _preconditioner(args, store), progress=True).self_influence().double().numpy()
@@ -279,9 +243,9 @@ def cmd_self_influence(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from logra.cli_inputs import ModelSettings, load_records
+    from logra.cli.inputs import ModelSettings, load_records
     from logra.report import build_queries, format_summary, write_report
-    from logra.store import GradientStore
+    from logra.store.reader import GradientStore
 
     matrix = Path(args.scores)
     meta_path = Path(str(matrix) + ".json")
@@ -328,7 +292,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from logra.store import GradientStore
+    from logra.store.reader import GradientStore
 
     store = GradientStore.open(args.store)
     store.verify()

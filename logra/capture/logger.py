@@ -25,12 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from logra.capture import LayerCapture, LayerInfo, layer_weight, per_example_gradients, select_layers
+from logra.capture.adapters import layer_weight, select_layers
+from logra.capture.hooks import LayerCapture, per_example_gradients
+from logra.capture.projection import SHARED_INPUT, make_projection
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit
 from logra.errors import CaptureError, ConfigError, NonFiniteGradientError, StoreError
-from logra.projection import SHARED_INPUT, make_projection
-from logra.statistics import KroneckerStatistics, outer
-from logra.store import ExampleId, GradientStore, StoreWriter, normalize_ids
+from logra.store.reader import GradientStore
+from logra.store.writer import StoreWriter
+from logra.types import ExampleId, KroneckerStatistics, LayerInfo, normalize_ids, outer
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 

@@ -1,4 +1,4 @@
-"""The on-disk gradient store: its layout, the crash-safe writer, and the store API's entry points.
+"""The crash-safe writer of a gradient store, and the layout it writes.
 
 Layout of a store directory::
 
@@ -25,8 +25,8 @@ ignore and a resuming writer deletes.
 Failures: any error while the writer writes (ENOSPC, EIO, an interrupt) stops it. The rows not
 yet committed are discarded, later calls raise `StoreError`, and the committed store stays as it
 was: readable and verifiable. A new writer on the same directory resumes it (committed ids are
-reported so the caller skips them). Readers: `GradientStore` and `check_compatible`, defined in
-`logra.reader` and re-exported here; the manifest format lives in `logra.manifest`.
+reported so the caller skips them). The reader is `logra.store.reader`, the manifest format
+`logra.store.manifest`, and the merge of rank manifests `logra.store.merge`.
 """
 
 from __future__ import annotations
@@ -44,34 +44,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from logra.capture import LayerInfo
 from logra.config import LoGraConfig, StorageDtype
-from logra.encoding import encode_rows, encoded_finite
 from logra.errors import DuplicateIdError, LograError, StoreError
-from logra.manifest import (
-    FORMAT,
-    FORMAT_VERSION,
+from logra.store.encoding import encode_rows, encoded_finite
+from logra.store.files import TMP_SUFFIX, write_atomic
+from logra.store.manifest import (
     IDS_RE,
     MANIFEST,
     SCALES_RE,
     SHARD_RE,
     STATS_RE,
-    ExampleId,
     Manifest,
     ShardInfo,
-    parse_manifest,
     rank_manifest_name,
     read_manifest,
-    sha256_file,
     shard_file_names,
-    write_atomic,
     write_manifest,
 )
-from logra.reader import GradientStore, check_compatible, read_shard_ids
-from logra.statistics import KroneckerStatistics, statistics_to_arrays
+from logra.store.reader import GradientStore
+from logra.store.statistics import write_statistics
+from logra.types import ExampleId, KroneckerStatistics, LayerInfo
 
 try:
     import fcntl
@@ -79,37 +73,7 @@ except ImportError:  # pragma: no cover - Windows has no flock: one writer per s
     fcntl = None  # type: ignore[assignment]
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # file systems without flock
 
-__all__ = [
-    "FORMAT", "FORMAT_VERSION", "MANIFEST", "ExampleId", "GradientStore", "Manifest", "ShardInfo", "StoreWriter",
-    "check_compatible", "merge_rank_manifests", "normalize_ids", "parse_manifest", "rank_manifest_name",
-    "read_manifest",
-]  # fmt: skip
-
-
-def normalize_ids(ids: Any) -> list[ExampleId]:
-    """Ids as a list of Python ints or strs. Accepts a list, a 1-D tensor or a numpy array."""
-    if isinstance(ids, Tensor):
-        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype is torch.bool:
-            raise StoreError(f"ids tensor of shape {tuple(ids.shape)} and dtype {ids.dtype} must be 1-D integer.")
-        return [int(i) for i in ids.tolist()]
-    if isinstance(ids, np.ndarray):
-        ids = ids.tolist()
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise StoreError(f"ids={ids!r} must be a sequence of ints or strs, one per example of the batch.")
-    out: list[ExampleId] = []
-    for i in ids:
-        if isinstance(i, (bool, np.bool_)):
-            raise StoreError(f"example id {i!r} is a bool; use ints or strs.")
-        if isinstance(i, (int, np.integer)):
-            out.append(int(i))
-        elif isinstance(i, str):
-            out.append(i)
-        else:
-            raise StoreError(f"example id {i!r} of type {type(i).__name__} must be an int or a str.")
-    return out
-
-
-def _check_unique(ids: list[ExampleId], known: set[ExampleId] | frozenset[ExampleId], where: str) -> None:
+def check_unique(ids: list[ExampleId], known: set[ExampleId] | frozenset[ExampleId], where: str) -> None:
     seen: set[ExampleId] = set()
     dup = [i for i in ids if i in known or i in seen or seen.add(i)]  # type: ignore[func-returns-value]
     if dup:
@@ -261,7 +225,7 @@ class StoreWriter:
             named.add(self.manifest.statistics[0])
         mine = f"{self.rank:03d}"
         for p in self.root.iterdir():
-            base = p.name[: -len(".tmp")] if p.name.endswith(".tmp") else p.name
+            base = p.name[: -len(TMP_SUFFIX)] if p.name.endswith(TMP_SUFFIX) else p.name
             if p.name != base and base == self.manifest_name:
                 p.unlink()
                 continue
@@ -282,7 +246,7 @@ class StoreWriter:
     def check_new(self, ids: list[ExampleId]) -> None:
         """Raise DuplicateIdError if any id is committed, pending or repeated (StoreError if stopped)."""
         self._check_usable()
-        _check_unique(
+        check_unique(
             ids, self._committed_ids.union(self._pending_ids, self._pending_skipped), f"the store at {self.root}"
         )
 
@@ -291,7 +255,7 @@ class StoreWriter:
         if rows.dim() != 2 or rows.shape != (len(ids), self.manifest.dim):
             raise StoreError(f"rows of shape {tuple(rows.shape)} do not match {len(ids)} ids x D={self.manifest.dim}.")
         self.check_new(list(ids) + list(skipped))
-        tmp = self.root / (shard_file_names(self.rank, self._index)[0] + ".tmp")
+        tmp = self.root / (shard_file_names(self.rank, self._index)[0] + TMP_SUFFIX)
         with self._guard(f"writing {len(ids)} rows to {tmp.name}"):
             if ids:
                 data, scales = encode_rows(rows, self.dtype)
@@ -344,7 +308,7 @@ class StoreWriter:
             stats_entry = None
             if statistics is not None:
                 name = f"statistics-{self.rank:03d}-{self._stats_generation:06d}.npz"
-                stats_entry = _write_statistics(self.root, name, statistics)
+                stats_entry = write_statistics(self.root, name, statistics)
             old = self.manifest
             new = Manifest(old.config, old.model_fingerprint, old.dtype, old.layers, tuple(shards), stats_entry,
                            old.skipped + tuple(self._pending_skipped))  # fmt: skip
@@ -364,7 +328,7 @@ class StoreWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        os.replace(self.root / (name + ".tmp"), self.root / name)
+        os.replace(self.root / (name + TMP_SUFFIX), self.root / name)
         ids_bytes = json.dumps(self._pending_ids).encode()
         write_atomic(self.root / ids_name, ids_bytes)
         scales_file = scales_sha = None
@@ -395,7 +359,7 @@ class StoreWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-            (self.root / (shard_file_names(self.rank, self._index)[0] + ".tmp")).unlink(missing_ok=True)
+            (self.root / (shard_file_names(self.rank, self._index)[0] + TMP_SUFFIX)).unlink(missing_ok=True)
         self._pending_ids, self._pending_skipped, self._pending_scales = [], [], []
 
     # ------------------------------------------------------------ failure handling
@@ -432,17 +396,6 @@ def _describe(exc: OSError) -> str:
     return f"{name + ' ' if name else ''}({exc.strerror or exc}){where}"
 
 
-def _write_statistics(root: Path, name: str, statistics: dict[str, KroneckerStatistics]) -> tuple[str, str]:
-    """Durably write statistics to `root/name`; returns the manifest entry (name, sha256)."""
-    tmp = root / (name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **statistics_to_arrays(statistics))  # type: ignore[arg-type]
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / name)
-    return name, sha256_file(root / name)
-
-
 def _check_process_count(root: Path, rank: int, world_size: int) -> None:
     """Refuse to mix single- and multi-process writers, which would delete each other's shards."""
     ranked = sorted(p.name for p in root.glob("manifest-rank-*.json")) if root.is_dir() else []
@@ -458,54 +411,3 @@ def _check_process_count(root: Path, rank: int, world_size: int) -> None:
                 f"the store at {root} holds shards of rank {rank} but no {rank_manifest_name(rank)}: it was logged by "
                 "a single process. Resume it with one process, or log into a new directory."
             )
-
-
-def merge_rank_manifests(
-    root: str | os.PathLike[str], world_size: int, statistics: dict[str, KroneckerStatistics] | None
-) -> Manifest:
-    """Write `manifest.json` listing the shards of ranks 0..world_size-1 (run once, after every rank closed).
-
-    Args:
-        root: the store directory holding `manifest-rank-RRR.json` for every rank.
-        world_size: the number of ranks that logged.
-        statistics: the Kronecker sums of *all* ranks (all-reduced), or None for a store without them.
-
-    Raises StoreError when ranks disagree on the header, a rank manifest is missing or extra ones
-    exist, and DuplicateIdError when two ranks logged the same example id.
-    """
-    path = Path(root)
-    parts = [read_manifest(path, rank_manifest_name(r)) for r in range(world_size)]
-    expected = {rank_manifest_name(r) for r in range(world_size)}
-    extra = sorted({p.name for p in path.glob("manifest-rank-*.json")} - expected)
-    if extra:
-        raise StoreError(
-            f"the store at {path} also holds {extra} from a run with more processes; resume it with that many."
-        )
-    first = parts[0]
-    for r, m in enumerate(parts):
-        header, first_header = (m.config.fingerprint(), m.model_fingerprint, m.layers), (
-            first.config.fingerprint(), first.model_fingerprint, first.layers)  # fmt: skip
-        if header != first_header:
-            raise StoreError(
-                f"rank {r} of the store at {path} was logged with another config, model or layer table than rank 0; "
-                "every rank must log the same model with the same LoGraConfig. Re-log into a new directory."
-            )
-    seen: set[ExampleId] = set()
-    for m in parts:
-        for shard in m.shards:
-            ids = read_shard_ids(path, shard)
-            _check_unique(ids, seen, f"the shards of another rank at {path} (did a sampler pad ranks with repeats?)")
-            seen.update(ids)
-    old = read_manifest(path) if (path / MANIFEST).exists() else None
-    stats_entry = None
-    if statistics is not None:
-        index = 0 if old is None or old.statistics is None else int(old.statistics[0][-10:-4]) + 1
-        stats_entry = _write_statistics(path, f"statistics-all-{index:06d}.npz", statistics)
-    skipped = tuple(i for m in parts for i in m.skipped)
-    merged = Manifest(first.config, first.model_fingerprint, first.dtype, first.layers,
-                      tuple(s for m in parts for s in m.shards), stats_entry, skipped)  # fmt: skip
-    write_manifest(path, merged)
-    if old is not None and old.statistics is not None and old.statistics[0].startswith("statistics-all-"):
-        if stats_entry is None or old.statistics[0] != stats_entry[0]:
-            (path / old.statistics[0]).unlink(missing_ok=True)
-    return merged

@@ -6,26 +6,23 @@ match the store's naming patterns (so no name can leave the store directory: no 
 damaged or hand-edited manifest is refused with a `StoreCorruptedError` naming the file. Nothing
 in a manifest is ever evaluated; the only decoder is `json.loads`.
 
-Durable writes (`write_atomic`, `write_manifest`) write a temp file, fsync it and rename it over
-the target, so a file holds either its old or its whole new content, even after SIGKILL or a
-power cut.
+`write_manifest` writes through `logra.store.files.write_atomic` (temp, fsync, rename, fsync of
+the directory), so a manifest holds either its old or its whole new content.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from logra.capture import LayerInfo
 from logra.config import LoGraConfig, StorageDtype
 from logra.errors import ConfigError, StoreCorruptedError, StoreError
-
-ExampleId = int | str
+from logra.store.files import fsync_dir, write_atomic
+from logra.types import ExampleId, LayerInfo
 
 FORMAT = "logra-gradient-store"
 FORMAT_VERSION = 1
@@ -53,37 +50,6 @@ def shard_file_names(rank: int, index: int) -> tuple[str, str, str]:
 def rank_manifest_name(rank: int) -> str:
     """The manifest file of one rank of a multi-process store."""
     return f"manifest-rank-{rank:03d}.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Durable files.
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the directory entries of `path` (renames, creations) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` holds either the old or the whole new content."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
