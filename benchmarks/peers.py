@@ -123,9 +123,7 @@ def logra_fit(store: logra.GradientStore, method: str) -> logra.Preconditioner:
 
 def logra_score(store: logra.GradientStore, pre: logra.Preconditioner, queries: Tensor) -> Tensor:
     """The one call site of the scorer API: scores [Q, N]."""
-    scores = logra.Scorer(store, pre, progress=False).score(queries)
-    assert isinstance(scores, Tensor)
-    return scores
+    return logra.Scorer(store, pre, progress=False).score(queries)
 
 
 def logra_scores(w: Workload, k: int, methods: list[str], root: str, **config: Any) -> dict[str, Tensor]:

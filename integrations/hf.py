@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import inspect
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,16 +38,9 @@ from logra import distributed
 from logra.capture import GradientLogger
 from logra.config import LoGraConfig
 from logra.errors import CaptureError, ConfigError
-from logra.losses import TokenReduction, causal_lm_loss, sequence_classification_loss
+from logra.losses import Task, TokenReduction, detect_task, per_example_losses
 from logra.store import GradientStore
 from logra.types import ExampleId, normalize_ids, parse_enum
-
-
-class Task(str, enum.Enum):
-    """Which per-example loss a model's logits get (see `logra.losses`)."""
-
-    CAUSAL_LM = "causal_lm"
-    SEQUENCE_CLASSIFICATION = "sequence_classification"
 
 
 class LossMode(str, enum.Enum):
@@ -64,45 +57,6 @@ class QueryRows:
 
     ids: list[ExampleId]
     rows: Tensor
-
-
-def detect_task(model: nn.Module) -> Task:
-    """The task of a Hugging Face model, from its class (as the Trainer decides label shifting)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    def names(mapping: Mapping[str, Any]) -> set[str]:
-        out: set[str] = set()
-        for v in mapping.values():
-            out.update(v if isinstance(v, (tuple, list)) else [v])
-        return out
-
-    name = type(distributed.unwrap_model(model)).__name__
-    if name in names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or name.endswith("ForCausalLM"):
-        return Task.CAUSAL_LM
-    if name in names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) or name.endswith("ForSequenceClassification"):
-        return Task.SEQUENCE_CLASSIFICATION
-    raise ConfigError(
-        f"cannot tell the task of {name}: logra knows causal LMs and sequence classifiers. Pass task='causal_lm' or "
-        "task='sequence_classification', or loss='compute_loss' to use the Trainer's own loss example by example."
-    )
-
-
-def per_example_losses(
-    model: nn.Module,
-    outputs: Any,
-    labels: Tensor,
-    task: Task | str,
-    token_reduction: TokenReduction | str = TokenReduction.MEAN,
-) -> Tensor:
-    """(B,) losses L_i from a Hugging Face model's outputs and the batch's labels (-100 ignored)."""
-    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-    if parse_enum(Task, task, "task") is Task.CAUSAL_LM:
-        return causal_lm_loss(logits, labels, reduction=token_reduction)
-    problem_type = getattr(getattr(model, "config", None), "problem_type", None)
-    return sequence_classification_loss(logits, labels, problem_type=problem_type)
 
 
 def _loss_is_customised(trainer: Any) -> bool:

@@ -30,11 +30,12 @@ from transformers import TrainerCallback
 
 from logra import distributed
 from logra.config import LoGraConfig
-from logra.curvature import fit_preconditioner
+from logra.curvature import PreconditionerMethod, fit_preconditioner
 from logra.errors import ConfigError, StoreError
-from logra.score import Scorer
+from logra.score import Normalization, Scorer
 from logra.store import GradientStore
-from logra.types import ExampleId
+from logra.store.files import write_atomic
+from logra.types import ExampleId, parse_enum
 
 from .hf import log_trainer
 
@@ -150,9 +151,7 @@ class LoGraCallback(TrainerCallback):
 
 def _write_checkpoints(output_dir: Path, checkpoints: list[Checkpoint]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / (CHECKPOINTS + ".tmp")
-    tmp.write_text(json.dumps([asdict(c) for c in checkpoints], indent=1), encoding="utf-8")
-    os.replace(tmp, output_dir / CHECKPOINTS)
+    write_atomic(output_dir / CHECKPOINTS, json.dumps([asdict(c) for c in checkpoints], indent=1).encode())
 
 
 def read_checkpoints(output_dir: str | os.PathLike[str]) -> list[Checkpoint]:
@@ -170,20 +169,23 @@ def read_checkpoints(output_dir: str | os.PathLike[str]) -> list[Checkpoint]:
 def tracin_scores(
     output_dir: str | os.PathLike[str],
     *,
-    method: str = "identity",
-    normalization: str = "dot",
+    method: PreconditionerMethod | str = PreconditionerMethod.IDENTITY,
+    normalization: Normalization | str = Normalization.DOT,
     learning_rates: bool = True,
 ) -> TracInScores:
     """TracIn-CP scores Σ_c η_c · g_q(θ_c)ᵀ H_c⁻¹ g_i(θ_c) over the logged checkpoints.
 
     Args:
         output_dir: a `LoGraCallback` output directory whose checkpoints include query stores.
-        method: preconditioner per checkpoint; "identity" gives TracIn's plain dot products.
+        method: preconditioner per checkpoint (a `PreconditionerMethod` or its value); identity gives
+            TracIn's plain dot products.
         normalization: dot | cosine | relative, per checkpoint (as `Scorer`).
         learning_rates: weight each checkpoint by its recorded learning rate η_c (else 1).
 
     Columns follow the first checkpoint's training ids (later ones are aligned by id).
     """
+    method = parse_enum(PreconditionerMethod, method, "method")
+    normalization = parse_enum(Normalization, normalization, "normalization")
     checkpoints = read_checkpoints(output_dir)
     total: Tensor | None = None
     train_ids: list[ExampleId] = []
@@ -194,7 +196,6 @@ def tracin_scores(
         train, query = GradientStore.open(c.train), GradientStore.open(c.query)
         scorer = Scorer(train, fit_preconditioner(train, method), normalization, compute_dtype=torch.float64)
         part = scorer.score(query.rows())
-        assert isinstance(part, Tensor)
         weight = (c.learning_rate if c.learning_rate is not None else 1.0) if learning_rates else 1.0
         if total is None:
             total, train_ids, query_ids = weight * part.to(torch.float64), list(train.ids), list(query.ids)

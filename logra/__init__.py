@@ -10,7 +10,7 @@ from logra.capture.adapters import LayerAdapter
 from logra.capture.logger import GradientLogger, Record
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit, StorageDtype
 from logra.curvature.fisher import sampled_cross_entropy, true_fisher_statistics
-from logra.curvature.moments import FisherStatistics
+from logra.curvature.moments import FisherKind, FisherStatistics
 from logra.curvature.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner
 from logra.curvature.saved import load_preconditioner
 from logra.errors import (
@@ -47,6 +47,7 @@ __all__ = [
     "StorageDtype",
     "StoreCorruptedError",
     "StoreError",
+    "FisherKind",
     "FisherStatistics",
     "Normalization",
     "Preconditioner",

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from logra.errors import ConfigError
+from logra.types import parse_enum
 
 
 class ProjectionInit(str, enum.Enum):
@@ -123,11 +124,7 @@ class LoGraConfig:
         for name, enum_type in _ENUM_FIELDS.items():
             value = getattr(self, name)
             if not isinstance(value, enum_type):
-                try:
-                    object.__setattr__(self, name, enum_type(value))
-                except ValueError:
-                    choices = ", ".join(repr(m.value) for m in enum_type)
-                    raise ConfigError(f"LoGraConfig.{name}={value!r} is not one of {choices}.") from None
+                object.__setattr__(self, name, parse_enum(enum_type, value, f"LoGraConfig.{name}"))
         for name in ("k_in", "k_out"):
             _check_positive_int(f"LoGraConfig.{name}", getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -193,8 +190,6 @@ class LoGraConfig:
         if unknown:
             raise ConfigError(f"unknown LoGraConfig fields {unknown}; known fields are {sorted(known)}.")
         kwargs = dict(data)
-        # Stores written before the field existed drew every input projection per layer.
-        kwargs.setdefault("share_input_projection", False)
         for name in ("modules", "exclude"):  # JSON lists -> tuples; other types are refused by __post_init__
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])

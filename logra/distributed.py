@@ -377,9 +377,7 @@ class DistributedScorer:
 
     def score(self, query_rows: Tensor) -> Tensor:
         """[Q, N] scores of every query against every training row, on every rank."""
-        local = self.scorer.score(query_rows)
-        assert isinstance(local, Tensor)  # by_layer=False
-        return gather_columns(local, self.group)
+        return gather_columns(self.scorer.score(query_rows), self.group)
 
     def self_influence(self) -> Tensor:
         """[N] self-influence of every training row, on every rank."""

@@ -6,21 +6,26 @@ defined so that L_i equals what the model's built-in loss returns for example i 
 of one): a causal LM's mean token cross-entropy over the example's labelled tokens, and a
 sequence classifier's cross-entropy / MSE / BCE. Labels equal to `ignore_index` (-100) are
 ignored; an example with no labelled token has loss 0 (not NaN) and a zero gradient.
+
+The Hugging Face front end that the command line and `logra.integrations.hf` share lives here
+too, without importing transformers: the `Task` enum, `detect_task` (from a model's class or a
+config's `architectures`) and `per_example_losses` (a model's outputs -> (B,) losses by task).
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from logra.errors import ConfigError
+from logra.types import parse_enum
 
 IGNORE_INDEX = -100
-_E = TypeVar("_E", bound=enum.Enum)
 
 
 class TokenReduction(str, enum.Enum):
@@ -34,21 +39,23 @@ class TokenReduction(str, enum.Enum):
     SUM = "sum"
 
 
+class Task(str, enum.Enum):
+    """Which per-example loss a Hugging Face model's logits get.
+
+    causal_lm: next-token cross-entropy on the labelled tokens (`causal_lm_loss`).
+    sequence_classification: the classifier's loss on its label (`sequence_classification_loss`).
+    """
+
+    CAUSAL_LM = "causal_lm"
+    SEQUENCE_CLASSIFICATION = "sequence_classification"
+
+
 class ProblemType(str, enum.Enum):
     """The Hugging Face `config.problem_type` of a sequence classifier."""
 
     REGRESSION = "regression"
     SINGLE_LABEL = "single_label_classification"
     MULTI_LABEL = "multi_label_classification"
-
-
-def parse_enum(kind: type[_E], value: object, name: str) -> _E:
-    """`kind(value)`, or a ConfigError naming `name`, the value and the choices."""
-    try:
-        return kind(value)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in kind)
-        raise ConfigError(f"{name}={value!r} is not one of {choices}.") from None
 
 
 def _loss_dtype(logits: Tensor) -> Tensor:
@@ -137,3 +144,47 @@ def sequence_classification_loss(
     if kind is ProblemType.REGRESSION:
         return ((logits - target) ** 2).mean(dim=1)
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
+
+
+def detect_task(source: Any) -> Task:
+    """The task of a Hugging Face model, or of a config before its model is built.
+
+    A model (an nn.Module) is judged by its class name and its config's `architectures`; a config
+    by its `architectures` alone, and a config that names none is taken for a causal LM (as a
+    config.json written for a test often is). Names with "ForSequenceClassification" mean
+    sequence_classification; names with "CausalLM" or "LMHead" (GPT2LMHeadModel) mean causal_lm.
+    """
+    config = getattr(source, "config", None) if isinstance(source, torch.nn.Module) else source
+    names = list(getattr(config, "architectures", None) or [])
+    if isinstance(source, torch.nn.Module):
+        names.insert(0, type(source).__name__)
+    if any("SequenceClassification" in n for n in names):
+        return Task.SEQUENCE_CLASSIFICATION
+    if any("CausalLM" in n or "LMHead" in n for n in names) or not names:
+        return Task.CAUSAL_LM
+    raise ConfigError(
+        f"cannot tell the task of {', '.join(dict.fromkeys(names))}: logra knows causal LMs and sequence "
+        "classifiers. Pass task='causal_lm' or task='sequence_classification' (--task on the command line), or "
+        "loss='compute_loss' (log_trainer) to use the Trainer's own loss example by example."
+    )
+
+
+def per_example_losses(
+    model: torch.nn.Module,
+    outputs: Any,
+    labels: Tensor,
+    task: Task | str,
+    token_reduction: TokenReduction | str = TokenReduction.MEAN,
+) -> Tensor:
+    """(B,) losses L_i from a Hugging Face model's outputs (or logits) and the batch's labels (-100 ignored).
+
+    outputs: the model's output (a mapping or tuple with the logits first) or the logits tensor.
+    """
+    if isinstance(outputs, Tensor):
+        logits = outputs
+    else:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    if parse_enum(Task, task, "task") is Task.CAUSAL_LM:
+        return causal_lm_loss(logits, labels, reduction=token_reduction)
+    problem_type = getattr(getattr(model, "config", None), "problem_type", None)
+    return sequence_classification_loss(logits, labels, problem_type=problem_type)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from logra.errors import ConfigError
+from logra.store.files import write_atomic
 from logra.types import ExampleId
 
 HIST_BINS = 40
@@ -292,7 +293,7 @@ def write_report(
     """Write `render_html(...)` to `path` (UTF-8) and return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(queries, title, settings), encoding="utf-8")
+    write_atomic(out, render_html(queries, title, settings).encode("utf-8"))
     return out
 
 

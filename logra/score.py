@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from logra.curvature.precondition import Preconditioner
 from logra.errors import ConfigError, NonFiniteGradientError
 from logra.store.reader import GradientStore, check_compatible
-from logra.types import ExampleId
+from logra.types import ExampleId, parse_enum
 
 
 class Normalization(str, enum.Enum):
@@ -115,10 +115,7 @@ class Scorer:
         _check_preconditioner(store, preconditioner)
         if query_config is not None:
             check_compatible(store, query_config, check_model=check_model)
-        try:
-            self.normalization = Normalization(normalization)
-        except ValueError:
-            raise ConfigError(f"normalization={normalization!r} is not one of 'dot', 'cosine', 'relative'.") from None
+        self.normalization = parse_enum(Normalization, normalization, "normalization")
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ConfigError(f"chunk_rows={chunk_rows!r} must be a positive int.")
         self.store = store
@@ -134,40 +131,42 @@ class Scorer:
 
     # ------------------------------------------------------------ public surface
 
-    def score(
-        self, query_rows: Tensor | GradientStore, by_layer: bool = False, out: str | os.PathLike[str] | None = None
-    ) -> Tensor | dict[str, Tensor]:
+    def score(self, query_rows: Tensor | GradientStore, out: str | os.PathLike[str] | None = None) -> Tensor:
         """Scores [Q, N] of every query against every training row.
 
         Args:
             query_rows: [Q, D] projected query gradients (logged with the store's config), or a
                 query GradientStore.
-            by_layer: return {layer: [Q, N]} instead, the per-layer terms (they sum to the total;
-                under cosine/relative each is divided by the same total norms).
             out: a path: write a float32 [Q, N] .npy memory map there and return a tensor view of it.
         """
-        if by_layer and out is not None:
-            raise ConfigError("score(by_layer=True) returns one matrix per layer in memory; do not pass out=.")
         q = self._prepare(query_rows)
         Q, N = q.pre.shape[0], len(self.store)
-        names = [layer.name for layer in self.store.layers] if by_layer else ["total"]
         if out is not None:
             memmap = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np.float32, shape=(Q, N))
-            results = {"total": torch.from_numpy(memmap)}
+            result = torch.from_numpy(memmap)
         else:
-            results = {name: torch.empty(Q, N, dtype=self.compute_dtype) for name in names}
+            result = torch.empty(Q, N, dtype=self.compute_dtype)
         for start, chunk, col_scale in self._stream(self.normalization is not Normalization.DOT):
-            stop = start + chunk.shape[0]
-            if by_layer:
-                for layer in self.store.layers:
-                    cols = slice(layer.offset, layer.offset + layer.size)
-                    part = self._normalize(q.pre[:, cols] @ chunk[:, cols].T, q.scale, col_scale)
-                    results[layer.name][:, start:stop] = part.cpu()
-            else:
-                results["total"][:, start:stop] = self._normalize(q.pre @ chunk.T, q.scale, col_scale).cpu()
+            result[:, start : start + chunk.shape[0]] = self._normalize(q.pre @ chunk.T, q.scale, col_scale).cpu()
         if out is not None:
             memmap.flush()
-        return results if by_layer else results["total"]
+        return result
+
+    def score_by_layer(self, query_rows: Tensor | GradientStore) -> dict[str, Tensor]:
+        """{layer: [Q, N]}: the per-layer terms of `score`, in layer-table order; they sum to the total.
+
+        Under cosine/relative normalisation each term is divided by the same total norms.
+        """
+        q = self._prepare(query_rows)
+        Q, N = q.pre.shape[0], len(self.store)
+        results = {layer.name: torch.empty(Q, N, dtype=self.compute_dtype) for layer in self.store.layers}
+        for start, chunk, col_scale in self._stream(self.normalization is not Normalization.DOT):
+            stop = start + chunk.shape[0]
+            for layer in self.store.layers:
+                cols = slice(layer.offset, layer.offset + layer.size)
+                part = self._normalize(q.pre[:, cols] @ chunk[:, cols].T, q.scale, col_scale)
+                results[layer.name][:, start:stop] = part.cpu()
+        return results
 
     def top_k(self, query_rows: Tensor | GradientStore, k: int = 10) -> TopK:
         """The k most helpful (largest) and k most harmful (smallest) scores per query, with ids."""

@@ -185,14 +185,6 @@ def _reference_queries(env: dict[str, Path], layers) -> torch.Tensor:
 # Tests.
 
 
-def test_log_can_draw_input_projections_per_layer(env: dict[str, Path], tmp_path: Path) -> None:
-    assert _log(env, tmp_path / "s", "--per-layer-input-projection") == 0
-    assert _log(env, tmp_path / "d") == 0
-    per_layer, shared = GradientStore.open(tmp_path / "s"), GradientStore.open(tmp_path / "d")
-    assert per_layer.config.share_input_projection is False and shared.config.share_input_projection is True
-    assert not torch.equal(per_layer.rows(), shared.rows())
-
-
 def test_log_rows_match_per_example_autograd(env: dict[str, Path], tmp_path: Path) -> None:
     assert _log(env, tmp_path / "s", "--batch-size", "3", "--token-reduction", "sum") == 0
     store = GradientStore.open(tmp_path / "s")
@@ -206,7 +198,7 @@ def test_log_rows_match_per_example_autograd(env: dict[str, Path], tmp_path: Pat
     ref = _reference_train(env, store.layers, "sum")
     torch.testing.assert_close(store.rows(), ref, rtol=1e-9, atol=1e-12)
     settings = json.loads((tmp_path / "s" / "logra-cli.json").read_text())
-    assert settings["task"] == "causal-lm" and settings["max_length"] == MAXLEN
+    assert settings["task"] == "causal_lm" and settings["max_length"] == MAXLEN
 
 
 def test_resume_continues_to_the_same_store(env: dict[str, Path], tmp_path: Path) -> None:

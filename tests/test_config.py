@@ -81,12 +81,13 @@ def test_to_dict_from_dict_round_trip_through_json(cfg: logra.LoGraConfig) -> No
     assert back == cfg and back.fingerprint() == cfg.fingerprint() and back.to_dict() == cfg.to_dict()
 
 
-def test_configs_written_before_input_sharing_read_as_per_layer_projections() -> None:
-    """A store manifest without the field was logged with one input projection per layer."""
+def test_input_projections_are_shared_by_default_and_from_dict_keeps_the_field_default() -> None:
+    """No migration default: a dict without the field reads as the field's own default."""
     data = logra.LoGraConfig().to_dict()
     del data["share_input_projection"]
-    assert logra.LoGraConfig.from_dict(data).share_input_projection is False
+    assert logra.LoGraConfig.from_dict(data).share_input_projection is True
     assert logra.LoGraConfig().share_input_projection is True
+    assert logra.LoGraConfig.from_dict({**data, "share_input_projection": False}).share_input_projection is False
     with pytest.raises(ConfigError, match="share_input_projection"):
         logra.LoGraConfig(share_input_projection=1)  # type: ignore[arg-type]
 

@@ -22,7 +22,7 @@ from models import build_model, log_rows, make_examples
 
 import logra
 from logra.errors import StoreCorruptedError, StoreError
-from logra.store.manifest import manifest_checksum
+from logra.store.manifest import FORMAT_VERSION, manifest_checksum
 
 N, SHARD_ROWS = 10, 4  # shards of 4, 4 and 2 rows
 
@@ -146,7 +146,8 @@ OPEN_CASES: dict[str, tuple[Callable[[Path], Any], Callable[[Path], Path]]] = {
     "manifest seed edited": (_edited(_set((("config", "seed"), 3)), recompute=False), _manifest),
     "manifest field deleted": (_edited(lambda d: d.pop("layers")), _manifest),
     "manifest unknown field": (_edited(_set((("exec",), "rm -rf /"))), _manifest),
-    "manifest newer version": (_edited(_set((("format_version",), 2))), _manifest),
+    "manifest other version": (_edited(_set((("format_version",), FORMAT_VERSION + 1))), _manifest),
+    "manifest older version": (_edited(_set((("format_version",), FORMAT_VERSION - 1))), _manifest),
     "forged: seed without fingerprint": (_edited(_set((("config", "seed"), 3))), _manifest),
     "forged: shard row count": (_edited(_set((("shards", 0, "rows"), 5), (("total_rows",), 11))), _file(0)),
     "forged: total rows": (_edited(_set((("total_rows",), 11))), _manifest),

@@ -69,8 +69,8 @@ def test_self_influence_is_the_diagonal_of_pairwise_scores(mlp: Logged, method: 
 @pytest.mark.parametrize("method", METHODS)
 def test_per_layer_scores_sum_to_the_total(mlp: Logged, method: str, normalization: str) -> None:
     scorer = Scorer(mlp.store, fit_preconditioner(mlp.store, method), normalization)
-    parts = scorer.score(mlp.queries, by_layer=True)
-    assert isinstance(parts, dict) and list(parts) == [layer.name for layer in mlp.store.layers]
+    parts = scorer.score_by_layer(mlp.queries)
+    assert list(parts) == [layer.name for layer in mlp.store.layers]
     torch.testing.assert_close(sum(parts.values()), scorer.score(mlp.queries), rtol=1e-12, atol=1e-14)
 
 
@@ -119,8 +119,6 @@ def test_scores_to_a_memory_map(mlp: Logged, tmp_path: pytest.TempPathFactory) -
     torch.testing.assert_close(mapped.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
     on_disk = np.load(path, mmap_mode="r")
     assert np.array_equal(on_disk, mapped.numpy())
-    with pytest.raises(logra.ConfigError, match="by_layer"):
-        scorer.score(mlp.queries, by_layer=True, out=tmp_path / "x.npy")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -40,8 +40,9 @@ class _Call:
 class LayerCapture:
     """Owns the hooks of one layer and the projected tensors of the current batch.
 
-    `batch()` returns the callable the logger checks: the capture is active only while the
-    logger's record block is open (`active` is a zero-arg callable giving the batch context).
+    The capture is active only while the logger's record block is open: `active` is a zero-arg
+    callable returning the open batch (or None), read by the forward hook at every call.
+    `take()` hands over the finished batch's calls; `close()` removes the hook.
     """
 
     def __init__(

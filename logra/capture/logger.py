@@ -124,61 +124,49 @@ class GradientLogger:
         self.config = config if config is not None else LoGraConfig()
         if not isinstance(self.config, LoGraConfig):
             raise ConfigError(f"config must be a LoGraConfig, got {type(config).__name__}.")
-        selected = select_layers(model, self.config.modules, self.config.exclude)
-        pca = _pca_factors(self.config) if self.config.init is ProjectionInit.PCA else {}
         self._batch: _Batch | None = None
-        self.layers: list[LayerInfo] = []
         self._captures: list[LayerCapture] = []
-        # Projections are redrawn from their seed when needed: no float64 copy is held (they can be
-        # hundreds of MB for a large model); kept after close() for `projection()`.
-        self._projections: dict[str, Callable[[], tuple[Tensor, Tensor]]] = {}
-        offset = 0
-        shared_inputs: dict[tuple[Any, ...], Tensor] | None = {} if shares_input_projection(self.config) else None
+        self._writer: StoreWriter | None = None
+        self._writing = False  # True while a batch updates statistics and store; stays True if that fails
+        self._track_statistics = statistics
+        selected = select_layers(model, self.config.modules, self.config.exclude)
         try:
-            for name, module, adapter in selected:
-                n_in, n_out, has_bias = adapter.widths(module)
-                bias = self.config.include_bias and has_bias
-                n_in += int(bias)
-                k_in_req, k_out_req = self.config.k_for(name)
-                k_in, k_out = min(k_in_req, n_in), min(k_out_req, n_out)
-                info = LayerInfo(name, adapter.kind, n_in, n_out, k_in, k_out, bias, offset)
-                offset += info.size
-                f_in, f_out = pca.get(name, (None, None))
-                source = functools.partial(_draw_projections, self.config, info, f_in, f_out)
-                if pca:
-                    source()  # validate the PCA factors now rather than at the first batch
-                self.layers.append(info)
-                self._projections[name] = source
-                self._captures.append(LayerCapture(info, module, source, lambda: self._batch, shared_inputs))
+            # Projections are redrawn from their seed when needed: no float64 copy is held (they can be
+            # hundreds of MB for a large model); kept after close() for `projection()`.
+            self.layers, self._projections = _layer_table(self.config, selected)
+            self._attach_hooks(selected)
+            self.dim = sum(layer.size for layer in self.layers)
+            self.model_fingerprint = model_fingerprint(model, selected)
+            self._stats: dict[str, KroneckerStatistics] = {
+                layer.name: KroneckerStatistics.zeros(layer.k_in, layer.k_out) for layer in self.layers
+            }
+            if store is not None:
+                self._open_store(store, shard_rows, rank, world_size)
         except BaseException:
             self.close()
             raise
-        self.dim = offset
-        self.model_fingerprint = model_fingerprint(model, selected)
-        self._track_statistics = statistics
-        self._writing = False  # True while a batch updates statistics and store; stays True if that fails
-        self._writer: StoreWriter | None = None
-        self._stats: dict[str, KroneckerStatistics] = {
-            layer.name: KroneckerStatistics.zeros(layer.k_in, layer.k_out) for layer in self.layers
-        }
-        if store is not None:
-            itemsize = self.config.dtype.itemsize
-            rows = shard_rows if shard_rows is not None else max(1, DEFAULT_SHARD_BYTES // (self.dim * itemsize))
-            try:
-                self._writer = StoreWriter(
-                    store, self.config, self.model_fingerprint, self.layers, rows, rank, world_size
-                )
-                manifest = self._writer.manifest
-                if (manifest.shards or manifest.skipped) and (manifest.statistics is not None) != statistics:
-                    raise StoreError(
-                        f"the store at {self._writer.root} was logged with statistics={not statistics}; resume it with "
-                        f"GradientLogger(..., statistics={not statistics}) so that its statistics cover every row."
-                    )
-                if manifest.statistics is not None and statistics:
-                    self._stats = GradientStore(self._writer.root, manifest).statistics()
-            except BaseException:
-                self.close()
-                raise
+
+    def _attach_hooks(self, selected: list[tuple[str, nn.Module, Any]]) -> None:
+        """One `LayerCapture` per logged layer; layers of one input width share P_in when configured."""
+        shared_inputs: dict[tuple[Any, ...], Tensor] | None = {} if shares_input_projection(self.config) else None
+        for info, (_, module, _) in zip(self.layers, selected):
+            source = self._projections[info.name]
+            self._captures.append(LayerCapture(info, module, source, lambda: self._batch, shared_inputs))
+
+    def _open_store(self, store: str | os.PathLike[str], shard_rows: int | None, rank: int, world_size: int) -> None:
+        """Create or resume the store; a resumed store's statistics become this logger's running sums."""
+        itemsize = self.config.dtype.itemsize
+        rows = shard_rows if shard_rows is not None else max(1, DEFAULT_SHARD_BYTES // (self.dim * itemsize))
+        self._writer = StoreWriter(store, self.config, self.model_fingerprint, self.layers, rows, rank, world_size)
+        manifest = self._writer.manifest
+        statistics = self._track_statistics
+        if (manifest.shards or manifest.skipped) and (manifest.statistics is not None) != statistics:
+            raise StoreError(
+                f"the store at {self._writer.root} was logged with statistics={not statistics}; resume it with "
+                f"GradientLogger(..., statistics={not statistics}) so that its statistics cover every row."
+            )
+        if manifest.statistics is not None and statistics:
+            self._stats = GradientStore(self._writer.root, manifest).statistics()
 
     # ---------------------------------------------------------------- public surface
 
@@ -261,7 +249,7 @@ class GradientLogger:
         for capture in self._captures:
             capture.close()
         self._captures = []
-        writer = getattr(self, "_writer", None)
+        writer = self._writer
         if writer is not None:
             try:  # after a batch failed half-way its statistics may be partly added: commit nothing then
                 writer.close(self._stats if self._track_statistics else None, commit=not self._writing)
@@ -354,6 +342,31 @@ def _accumulate(
             outers[id(c.x)] = outer(flat)
         stats.add_(flat, g.reshape(-1, g.shape[-1]), n_tokens, 0, input_outer=outers[id(c.x)])
     stats.n_examples += n_examples
+
+
+def _layer_table(
+    config: LoGraConfig, selected: list[tuple[str, nn.Module, Any]]
+) -> tuple[list[LayerInfo], dict[str, Callable[[], tuple[Tensor, Tensor]]]]:
+    """The layer table of the selected layers (k clipped to each width, columns in model order) and,
+    per layer, the zero-argument function that draws its projections."""
+    pca = _pca_factors(config) if config.init is ProjectionInit.PCA else {}
+    layers: list[LayerInfo] = []
+    projections: dict[str, Callable[[], tuple[Tensor, Tensor]]] = {}
+    offset = 0
+    for name, module, adapter in selected:
+        n_in, n_out, has_bias = adapter.widths(module)
+        bias = config.include_bias and has_bias
+        n_in += int(bias)
+        k_in_req, k_out_req = config.k_for(name)
+        info = LayerInfo(name, adapter.kind, n_in, n_out, min(k_in_req, n_in), min(k_out_req, n_out), bias, offset)
+        offset += info.size
+        f_in, f_out = pca.get(name, (None, None))
+        source = functools.partial(_draw_projections, config, info, f_in, f_out)
+        if pca:
+            source()  # validate the PCA factors now rather than at the first batch
+        layers.append(info)
+        projections[name] = source
+    return layers, projections
 
 
 def shares_input_projection(config: LoGraConfig) -> bool:

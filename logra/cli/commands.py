@@ -20,6 +20,7 @@ import torch
 
 from logra.cli.tables import write_table
 from logra.errors import ConfigError, StoreError
+from logra.store.files import write_atomic, write_durable
 
 
 def _say(msg: str) -> None:
@@ -76,7 +77,7 @@ def cmd_log(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         include_bias=args.include_bias,
         nonfinite=args.nonfinite,
-        share_input_projection=not args.per_layer_input_projection,
+        pca_statistics=args.pca_statistics,
     )
     model, tokenizer, task = load_model(settings)
     settings.task = task.value
@@ -203,7 +204,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             "normalization": args.normalization,
             "preconditioner": args.preconditioner or args.method,
         }
-        Path(str(matrix) + ".json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        write_atomic(Path(str(matrix) + ".json"), json.dumps(meta, indent=1).encode())
         _say(f"wrote the [{len(query_ids)}, {len(store)}] score matrix -> {matrix}")
     if args.out:
         k = min(args.top_k, len(store))
@@ -231,7 +232,7 @@ def cmd_self_influence(args: argparse.Namespace) -> int:
     order = np.argsort(-values, kind="stable")
     out = Path(args.out)
     if out.suffix == ".npy":
-        np.save(out, values)
+        write_durable(out, lambda f: np.save(f, values))
     else:
         rank = np.empty(len(values), dtype=np.int64)
         rank[order] = np.arange(1, len(values) + 1)

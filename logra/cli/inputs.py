@@ -15,9 +15,7 @@ backpropagates inside `GradientLogger.record()`.
 
 from __future__ import annotations
 
-import enum
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,22 +27,18 @@ from tqdm.auto import tqdm
 
 from logra.capture.logger import GradientLogger
 from logra.errors import ConfigError, LograError
-from logra.losses import IGNORE_INDEX, TokenReduction, causal_lm_loss, sequence_classification_loss
-from logra.types import ExampleId
+from logra.losses import IGNORE_INDEX, Task, TokenReduction, detect_task, per_example_losses
+from logra.store.files import write_atomic
+from logra.types import ExampleId, parse_enum
 
 SETTINGS_FILE = "logra-cli.json"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}  # fmt: skip
 
 
 class InputError(LograError, ValueError):
     """A model, tokenizer or dataset given to the command line cannot be used as asked."""
-
-
-class Task(str, enum.Enum):
-    """causal-lm: next-token loss on the text.  classification: cross-entropy on the label field."""
-
-    CAUSAL_LM = "causal-lm"
-    CLASSIFICATION = "classification"
 
 
 @dataclass
@@ -66,9 +60,7 @@ class ModelSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
-        tmp = directory / (SETTINGS_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
-        os.replace(tmp, directory / SETTINGS_FILE)
+        write_atomic(directory / SETTINGS_FILE, json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
     def load(cls, directory: Path) -> ModelSettings | None:
@@ -90,10 +82,10 @@ def load_model(settings: ModelSettings) -> tuple[nn.Module, Any, Task]:
     import transformers
 
     source = Path(settings.model)
-    dtype = _DTYPES.get(settings.model_dtype)
+    dtype = MODEL_DTYPES.get(settings.model_dtype)
     if dtype is None:
-        raise InputError(f"--model-dtype {settings.model_dtype!r} is not one of {', '.join(_DTYPES)}.")
-    task = Task(settings.task) if settings.task else None
+        raise InputError(f"--model-dtype {settings.model_dtype!r} is not one of {', '.join(MODEL_DTYPES)}.")
+    task = parse_enum(Task, settings.task, "--task") if settings.task else None
     tok_source = settings.tokenizer
     if source.is_file() and source.suffix == ".gguf":
         kwargs: dict[str, Any] = {"gguf_file": source.name}
@@ -117,7 +109,7 @@ def load_model(settings: ModelSettings) -> tuple[nn.Module, Any, Task]:
             config = transformers.AutoConfig.for_model(**raw)
         else:
             config = transformers.AutoConfig.from_pretrained(source)
-        task = task or _task_of(config)
+        task = task or detect_task(config)
         auto = (
             transformers.AutoModelForCausalLM
             if task is Task.CAUSAL_LM
@@ -139,15 +131,6 @@ def load_model(settings: ModelSettings) -> tuple[nn.Module, Any, Task]:
     model.eval()
     model.requires_grad_(False)  # logging needs activation gradients only: backward skips weight gradients
     return model, tokenizer, task
-
-
-def _task_of(config: Any) -> Task:
-    names = " ".join(getattr(config, "architectures", None) or [])
-    if "SequenceClassification" in names:
-        return Task.CLASSIFICATION
-    if "CausalLM" in names or "LMHead" in names or not names:
-        return Task.CAUSAL_LM
-    raise InputError(f"cannot tell the task of a {names} model; pass --task causal-lm or --task classification.")
 
 
 def _load_tokenizer(transformers: Any, source: str, kwargs: dict[str, Any]) -> Any:
@@ -297,12 +280,8 @@ def batches(
 
 def batch_losses(model: nn.Module, batch: dict[str, Tensor], task: Task, token_reduction: str) -> Tensor:
     """Per-example losses (B,) of one batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if task is Task.CAUSAL_LM:
-        return causal_lm_loss(logits, batch["labels"], reduction=token_reduction)
-    return sequence_classification_loss(
-        logits, batch["labels"], problem_type=getattr(model.config, "problem_type", None)
-    )
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return per_example_losses(model, outputs, batch["labels"], task, token_reduction)
 
 
 def log_examples(
@@ -335,7 +314,7 @@ def log_examples(
 
 
 def check_task_fields(task: Task, settings: ModelSettings) -> None:
-    if task is Task.CLASSIFICATION and settings.label_field is None:
+    if task is Task.SEQUENCE_CLASSIFICATION and settings.label_field is None:
         raise ConfigError("a classification model needs --label-field (the column holding each example's label).")
-    if task is Task.CLASSIFICATION and settings.prompt_field is not None:
-        raise ConfigError("--prompt-field applies to causal-lm only; drop it for a classification model.")
+    if task is Task.SEQUENCE_CLASSIFICATION and settings.prompt_field is not None:
+        raise ConfigError("--prompt-field applies to causal_lm only; drop it for a classification model.")

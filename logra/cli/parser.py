@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from logra.cli.commands import cmd_fit, cmd_log, cmd_report, cmd_score, cmd_self_influence, cmd_verify
+from logra.cli.inputs import MODEL_DTYPES
+from logra.config import NonFinitePolicy, ProjectionInit, StorageDtype
+from logra.curvature.precondition import PreconditionerMethod
+from logra.losses import Task, TokenReduction
+from logra.score import Normalization
+from logra.types import enum_values
 
+_METHODS = enum_values(PreconditionerMethod)
 DAMPING_HELP = "λ (default: 0.1 x a mean eigenvalue of each layer's curvature; see fit_preconditioner)"
 
 # --------------------------------------------------------------------------------------------
@@ -30,10 +37,10 @@ def _model_options(p: argparse.ArgumentParser, required: bool) -> None:
         help="Hugging Face model directory, a config.json (fresh weights), or a .gguf file",
     )
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model's own)")
-    g.add_argument("--task", choices=["causal-lm", "classification"], help="default: from the model's architecture")
+    g.add_argument("--task", choices=enum_values(Task), help="default: from the model's architecture")
     g.add_argument(
         "--model-dtype",
-        choices=["float32", "float64", "bfloat16", "float16"],
+        choices=list(MODEL_DTYPES),
         default=None if not required else "float32",
         help="dtype the model runs in",
     )
@@ -43,8 +50,8 @@ def _model_options(p: argparse.ArgumentParser, required: bool) -> None:
     )
     g.add_argument(
         "--token-reduction",
-        choices=["mean", "sum"],
-        default=None if not required else "mean",
+        choices=enum_values(TokenReduction),
+        default=None if not required else TokenReduction.MEAN.value,
         help="an LM example's loss: mean (default) or sum of its token losses",
     )
     g.add_argument("--text-field", default=None if not required else "text", help="the text column")
@@ -62,7 +69,7 @@ def _precondition_options(p: argparse.ArgumentParser) -> None:
         "--preconditioner", help="a directory written by `logra fit` (default: STORE/preconditioner-METHOD if present)"
     )
     g.add_argument(
-        "--method", choices=["identity", "kfac", "ekfac", "raw"], default="kfac", help="curvature approximation"
+        "--method", choices=_METHODS, default=PreconditionerMethod.KFAC.value, help="curvature approximation"
     )
     g.add_argument("--damping", type=float, help=DAMPING_HELP)
 
@@ -86,19 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=int, default=64, help="projection size k_in = k_out")
     g.add_argument("--k-in", type=int, help="input-side projection size (overrides --k)")
     g.add_argument("--k-out", type=int, help="output-side projection size (overrides --k)")
-    g.add_argument("--init", default="gaussian", choices=["gaussian", "rademacher", "orthogonal", "identity"])
+    g.add_argument("--init", default=ProjectionInit.GAUSSIAN.value, choices=enum_values(ProjectionInit))
+    g.add_argument(
+        "--pca-statistics", help="for --init pca: a store logged with --init identity at full size (its factors)"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the projections")
     g.add_argument(
-        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"], help="storage dtype"
+        "--dtype", default=StorageDtype.FLOAT32.value, choices=enum_values(StorageDtype), help="storage dtype"
     )
     g.add_argument("--include-bias", action="store_true", help="log bias gradients too")
     g.add_argument(
-        "--per-layer-input-projection",
-        action="store_true",
-        help="draw every layer's input projection separately instead of one per input width "
-        "(how stores were logged before shared input projections; needed to resume such a store)",
+        "--nonfinite", default=NonFinitePolicy.RAISE.value, choices=enum_values(NonFinitePolicy), help="on NaN/Inf"
     )
-    g.add_argument("--nonfinite", default="raise", choices=["raise", "skip"], help="on a NaN/Inf gradient")
     g.add_argument("--shard-rows", type=int, help="rows per shard (default: 256 MiB shards)")
     g.add_argument("--no-statistics", action="store_true", help="do not accumulate KFAC statistics")
     g.add_argument("--resume", action="store_true", help="continue a store, skipping the examples it holds")
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a preconditioner on a store and save it", formatter_class=fmt)
     p.add_argument("store", help="the store directory")
     p.add_argument(
-        "--method", choices=["identity", "kfac", "ekfac", "raw"], default="kfac", help="curvature approximation"
+        "--method", choices=_METHODS, default=PreconditionerMethod.KFAC.value, help="curvature approximation"
     )
     p.add_argument("--damping", type=float, help=DAMPING_HELP)
     p.add_argument("--out", help="output directory (default: STORE/preconditioner-METHOD)")
@@ -123,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="helpful and harmful examples per query in --out")
     p.add_argument(
         "--normalization",
-        choices=["dot", "cosine", "relative"],
-        default="dot",
+        choices=enum_values(Normalization),
+        default=Normalization.DOT.value,
         help="dot: g_qᵀH⁻¹g_i; cosine: both normalised; relative: by the training example's norm",
     )
     p.add_argument("--chunk-rows", type=int, default=4096, help="training rows per matmul")

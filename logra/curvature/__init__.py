@@ -8,11 +8,12 @@
 """
 
 from logra.curvature.fisher import sampled_cross_entropy, true_fisher_statistics
-from logra.curvature.moments import FisherStatistics
+from logra.curvature.moments import FisherKind, FisherStatistics
 from logra.curvature.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner
 from logra.curvature.saved import load_preconditioner
 
 __all__ = [
+    "FisherKind",
     "FisherStatistics",
     "Preconditioner",
     "PreconditionerMethod",

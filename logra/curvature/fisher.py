@@ -28,7 +28,9 @@ from logra.curvature.moments import (
     RowAccumulator,
     kronecker_eigenbases,
 )
+from logra.curvature.precondition import PreconditionerMethod
 from logra.errors import CaptureError, ConfigError
+from logra.types import parse_enum
 
 
 def sampled_cross_entropy(logits: Tensor, generator: torch.Generator, mask: Tensor | None = None) -> Tensor:
@@ -59,7 +61,7 @@ def true_fisher_statistics(
     batches: Iterable[Any],
     loss_fn: LossFn,
     *,
-    method: str = "kfac",
+    method: PreconditionerMethod | str = PreconditionerMethod.KFAC,
     num_samples: int = 1,
     seed: int = 0,
     batch_size_fn: Callable[[Any], int] | None = None,
@@ -82,20 +84,23 @@ def true_fisher_statistics(
 
     Gradients accumulate in the model's `.grad` as in any backward; zero them afterwards if needed.
     """
-    if method not in ("kfac", "ekfac", "raw"):
-        raise ConfigError(f"true_fisher_statistics(method={method!r}) must be 'kfac', 'ekfac' or 'raw'.")
+    method = parse_enum(PreconditionerMethod, method, "true_fisher_statistics(method)")
+    if method is PreconditionerMethod.IDENTITY:
+        raise ConfigError(
+            "true_fisher_statistics(method='identity') has no curvature to measure; pass kfac, ekfac or raw."
+        )
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples={num_samples!r} must be a positive int.")
-    if method == "ekfac" and iter(batches) is batches:  # type: ignore[comparison-overlap]
+    if method is PreconditionerMethod.EKFAC and iter(batches) is batches:  # type: ignore[comparison-overlap]
         raise ConfigError(
             "method='ekfac' takes two passes over `batches`: pass a list or a DataLoader, not an iterator."
         )
     with GradientLogger(model, config, store=None, statistics=True) as logger:
-        covariance = GradientCovariance(logger.layers) if method == "raw" else None
+        covariance = GradientCovariance(logger.layers) if method is PreconditionerMethod.RAW else None
         n = _sampled_pass(logger, batches, loss_fn, num_samples, seed, batch_size_fn, mask_fn, progress, covariance)
         kronecker = logger.statistics()
         eigenvalues = None
-        if method == "ekfac":
+        if method is PreconditionerMethod.EKFAC:
             bases = {name: (q_s, q_a) for name, (q_s, _, q_a, _) in kronecker_eigenbases(kronecker).items()}
             moments = EigenbasisMoments(logger.layers, bases)
             _sampled_pass(logger, batches, loss_fn, num_samples, seed, batch_size_fn, mask_fn, progress, moments)

@@ -13,6 +13,7 @@ true-Fisher pass (`logra.curvature.fisher`).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,18 @@ class FisherStatistics:
 # Where a preconditioner's curvature comes from.
 
 
+class FisherKind(str, enum.Enum):
+    """Whose labels a preconditioner's curvature was measured with.
+
+    empirical: the logged labels (the store's own rows and statistics).  true: labels drawn from
+    the model (`logra.curvature.fisher`).  custom: Kronecker statistics the caller passed in.
+    """
+
+    EMPIRICAL = "empirical"
+    TRUE = "true"
+    CUSTOM = "custom"
+
+
 @dataclass(frozen=True)
 class CurvatureSource:
     """Kronecker statistics and, when given (true Fisher), precomputed EK-FAC moments or covariance."""
@@ -134,26 +147,28 @@ class CurvatureSource:
     kronecker: Mapping[str, KroneckerStatistics]
     moments: Mapping[str, Tensor] | None
     covariance: Mapping[str, Tensor] | None
-    fisher: str  # "empirical" (the store's own), "true" (FisherStatistics) or "custom" (a given dict)
+    fisher: FisherKind
 
 
 def curvature_source(store: GradientStore, statistics: Any, raw: bool) -> CurvatureSource:
     """Resolve `fit_preconditioner(statistics=...)` for `store`; `raw`: for method='raw'."""
     if statistics is None:
-        source = CurvatureSource({} if raw else store.statistics(), None, None, "empirical")
+        source = CurvatureSource({} if raw else store.statistics(), None, None, FisherKind.EMPIRICAL)
     elif isinstance(statistics, FisherStatistics):
         if raw and statistics.covariance is None:
             raise ConfigError(
                 "these FisherStatistics hold no covariance; compute them with method='raw' for method='raw'."
             )
-        source = CurvatureSource(statistics.kronecker, statistics.eigenvalues, statistics.covariance, "true")
+        source = CurvatureSource(
+            statistics.kronecker, statistics.eigenvalues, statistics.covariance, FisherKind.TRUE
+        )
     elif isinstance(statistics, Mapping):
         if raw:
             raise ConfigError(
                 "method='raw' cannot use Kronecker statistics; pass statistics=None (the store's rows) or the "
                 "FisherStatistics of true_fisher_statistics(..., method='raw')."
             )
-        source = CurvatureSource(dict(statistics), None, None, "custom")
+        source = CurvatureSource(dict(statistics), None, None, FisherKind.CUSTOM)
     else:
         raise ConfigError(
             "statistics must be None, a {layer: KroneckerStatistics} dict or FisherStatistics, "

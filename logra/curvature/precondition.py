@@ -44,6 +44,7 @@ from logra.config import ProjectionInit
 from logra.curvature.moments import (
     CurvatureSource,
     EigenbasisMoments,
+    FisherKind,
     FisherStatistics,
     GradientCovariance,
     accumulate_store,
@@ -78,7 +79,8 @@ class Preconditioner:
         damping: {layer: λ}, the absolute damping added to each layer's curvature.
         factors: {layer: {name: float64 tensor}}, the fitted tensors (read them, do not edit them).
         fingerprint: the projection fingerprint of the store it was fitted on.
-        fisher: "empirical" (the logged labels), "true" (sampled labels) or "custom" (given statistics).
+        fisher: the `FisherKind` of its curvature: empirical (the logged labels), true (labels drawn
+            from the model) or custom (given statistics).
     """
 
     method: ClassVar[PreconditionerMethod]
@@ -94,7 +96,7 @@ class Preconditioner:
         factors: Mapping[str, Mapping[str, Tensor]],
         damping: Mapping[str, float],
         fingerprint: str,
-        fisher: str = "empirical",
+        fisher: FisherKind | str = FisherKind.EMPIRICAL,
     ) -> None:
         self.layers = tuple(layers)
         self.factors = {layer.name: dict(factors.get(layer.name, {})) for layer in self.layers}
@@ -103,7 +105,7 @@ class Preconditioner:
             raise ConfigError(f"no damping given for layers {missing}; give one value per layer.")
         self.damping = {layer.name: float(damping.get(layer.name, 0.0)) for layer in self.layers}
         self.fingerprint = fingerprint
-        self.fisher = fisher
+        self.fisher = parse_enum(FisherKind, fisher, "fisher")
         self.dim = sum(layer.size for layer in self.layers)
         for layer in self.layers:
             expected = self.factor_shapes(layer)
@@ -176,7 +178,7 @@ class Preconditioner:
         return save_preconditioner(self, directory)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layers={len(self.layers)}, D={self.dim}, fisher={self.fisher!r})"
+        return f"{type(self).__name__}(layers={len(self.layers)}, D={self.dim}, fisher={self.fisher.value!r})"
 
 
 class IdentityPreconditioner(Preconditioner):

@@ -39,7 +39,7 @@ def save_preconditioner(preconditioner: Preconditioner, directory: str | os.Path
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": p.method.value,
-        "fisher": p.fisher,
+        "fisher": p.fisher.value,
         "projection_fingerprint": p.fingerprint,
         "layers": [layer.to_dict() for layer in p.layers],
         "damping": p.damping,

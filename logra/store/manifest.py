@@ -25,7 +25,7 @@ from logra.store.files import fsync_dir, write_atomic
 from logra.types import ExampleId, LayerInfo
 
 FORMAT = "logra-gradient-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input projections shared by default (no migration of version-1 stores)
 MANIFEST = "manifest.json"
 MAX_COUNT = 2**53  # no width, size or row count in a manifest may exceed this
 SHARD_RE = re.compile(r"shard-(\d{3,4})-(\d{6})\.bin", re.ASCII)
@@ -183,7 +183,8 @@ def _parse_header(data: Any, path: Path) -> tuple[LoGraConfig, StorageDtype]:
     version = _get(data, "format_version", int, path)
     if version != FORMAT_VERSION:
         raise StoreCorruptedError(
-            f"{path}: store format version {str(version)[:20]} is not supported (this logra reads {FORMAT_VERSION})."
+            f"{path}: store format version {str(version)[:20]} is not supported (this logra reads {FORMAT_VERSION}); "
+            "log the store again with this version of logra."
         )
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
