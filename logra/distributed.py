@@ -23,9 +23,9 @@ import dataclasses
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from logra.capture.logger import GradientLogger
 from logra.config import LoGraConfig
-from logra.curvature.precondition import Preconditioner, fit_preconditioner
+from logra.curvature.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner
 from logra.curvature.saved import load_preconditioner
 from logra.errors import ConfigError, StoreError
 from logra.score import Scorer, TopK
@@ -41,6 +41,8 @@ from logra.store.manifest import rank_manifest_name, read_manifest
 from logra.store.merge import merge_rank_manifests
 from logra.store.reader import GradientStore
 from logra.types import KroneckerStatistics
+
+_T = TypeVar("_T")
 
 Group = Any  # a torch.distributed ProcessGroup, or None for the default group
 
@@ -222,7 +224,7 @@ def all_reduce_statistics(stats: dict[str, KroneckerStatistics], group: Group = 
     return out
 
 
-def run_on_rank0(fn: Any, group: Group = None) -> Any:
+def run_on_rank0(fn: Callable[[], _T], group: Group = None) -> _T | None:
     """Run `fn()` on rank 0 only; every rank raises if it failed there (no rank is left waiting)."""
     rank, _ = rank_world(group)
     result, error = None, None
@@ -339,7 +341,12 @@ def shard_view(store: GradientStore, shards: range) -> tuple[GradientStore, int]
 
 
 def shared_preconditioner(
-    store: GradientStore, method: Any, directory: str | os.PathLike[str], *, group: Group = None, **kwargs: Any
+    store: GradientStore,
+    method: PreconditionerMethod | str,
+    directory: str | os.PathLike[str],
+    *,
+    group: Group = None,
+    **kwargs: Any,
 ) -> Preconditioner:
     """Fit a preconditioner once, on rank 0, save it to `directory` and load it on every rank.
 

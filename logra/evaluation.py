@@ -17,6 +17,7 @@ loss. So the summed score of a subset should correlate with *minus* the query lo
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +28,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from logra.errors import ConfigError
+from logra.types import parse_enum
+
+ArrayLike = Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]  # numbers, any nesting
 
 
-def _as_tensor(x: Any, name: str) -> Tensor:
+def _as_tensor(x: ArrayLike, name: str) -> Tensor:
     try:
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
     except (TypeError, ValueError) as exc:
@@ -58,7 +62,7 @@ def rankdata(x: Tensor) -> Tensor:
     return ranks.scatter_(-1, order, ranks_sorted)
 
 
-def pearson(x: Any, y: Any) -> Tensor:
+def pearson(x: ArrayLike, y: ArrayLike) -> Tensor:
     """Pearson correlation along the last dimension: x, y [..., n] -> [...] (float64).
 
     A constant input has no defined correlation: it raises ConfigError rather than return NaN.
@@ -78,7 +82,7 @@ def pearson(x: Any, y: Any) -> Tensor:
     return (xc * yc).sum(-1) / denom
 
 
-def spearman(x: Any, y: Any) -> Tensor:
+def spearman(x: ArrayLike, y: ArrayLike) -> Tensor:
     """Spearman rank correlation along the last dimension (Pearson of average ranks)."""
     x, y = _as_tensor(x, "x"), _as_tensor(y, "y")
     return pearson(rankdata(x), rankdata(y))
@@ -159,7 +163,9 @@ def leave_one_out_subsets(n_train: int, indices: Sequence[int] | None = None) ->
     return masks
 
 
-def linear_datamodeling_score(scores: Any, subsets: Tensor, outputs: Any, outputs_are_losses: bool = True) -> float:
+def linear_datamodeling_score(
+    scores: ArrayLike, subsets: Tensor, outputs: ArrayLike, outputs_are_losses: bool = True
+) -> float:
     """LDS: the mean over queries of Spearman(Σ_{i∈S} score(q, i), measured output over subsets S).
 
     Args:
@@ -180,16 +186,24 @@ def linear_datamodeling_score(scores: Any, subsets: Tensor, outputs: Any, output
     return float(spearman(predicted.T, target.T).mean())
 
 
-def leave_one_out_correlation(scores: Any, loo_change: Any, method: str = "pearson") -> float:
+class Correlation(str, enum.Enum):
+    """Which correlation `leave_one_out_correlation` averages."""
+
+    PEARSON = "pearson"
+    SPEARMAN = "spearman"
+
+
+def leave_one_out_correlation(
+    scores: ArrayLike, loo_change: ArrayLike, method: Correlation | str = Correlation.PEARSON
+) -> float:
     """Mean over queries of the correlation between scores [Q, N] and actual LOO loss changes [Q, N].
 
     loo_change[q, i] = (query loss retrained without example i) - (query loss with all examples).
-    method: "pearson" or "spearman".
+    method: a `Correlation` or its value (pearson, spearman).
     """
-    if method not in ("pearson", "spearman"):
-        raise ConfigError(f"method={method!r} must be 'pearson' or 'spearman'.")
+    method = parse_enum(Correlation, method, "method")
     s, y = _as_tensor(scores, "scores"), _as_tensor(loo_change, "loo_change")
     if s.shape != y.shape or s.dim() != 2:
         raise ConfigError(f"scores and loo_change must both be [Q, N]; got {tuple(s.shape)} and {tuple(y.shape)}.")
-    corr = pearson(s, y) if method == "pearson" else spearman(s, y)
+    corr = pearson(s, y) if method is Correlation.PEARSON else spearman(s, y)
     return float(corr.mean())

@@ -27,6 +27,7 @@ from torch import Tensor
 from logra.errors import ConfigError, StoreError
 
 ExampleId = int | str
+IdsLike = Sequence[ExampleId] | Tensor | np.ndarray  # what `normalize_ids` accepts
 _E = TypeVar("_E", bound=enum.Enum)
 
 
@@ -44,7 +45,7 @@ def enum_values(kind: type[enum.Enum]) -> list[str]:
     return [str(m.value) for m in kind]
 
 
-def normalize_ids(ids: Any) -> list[ExampleId]:
+def normalize_ids(ids: IdsLike) -> list[ExampleId]:
     """Ids as a list of Python ints or strs. Accepts a list, a 1-D tensor or a numpy array."""
     if isinstance(ids, Tensor):
         if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype is torch.bool:

@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from logra.capture.adapters import layer_weight, select_layers
+from logra.capture.adapters import LayerAdapter, layer_weight, select_layers
 from logra.capture.hooks import LayerCapture, per_example_gradients
 from logra.capture.projection import SHARED_INPUT, make_projection
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit
 from logra.errors import CaptureError, ConfigError, NonFiniteGradientError, StoreError
 from logra.store.reader import GradientStore
 from logra.store.writer import StoreWriter
-from logra.types import ExampleId, KroneckerStatistics, LayerInfo, normalize_ids, outer
+from logra.types import ExampleId, IdsLike, KroneckerStatistics, LayerInfo, normalize_ids, outer
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 
@@ -80,7 +80,7 @@ class _Batch:
         return self._mask_cache[key]
 
 
-def model_fingerprint(model: nn.Module, layers: list[tuple[str, nn.Module, Any]]) -> str:
+def model_fingerprint(model: nn.Module, layers: list[tuple[str, nn.Module, type[LayerAdapter]]]) -> str:
     """A hash of the selected layers' names, shapes, dtypes and a strided sample of their weights."""
     h = hashlib.sha256()
     for name, module, _ in layers:
@@ -146,7 +146,7 @@ class GradientLogger:
             self.close()
             raise
 
-    def _attach_hooks(self, selected: list[tuple[str, nn.Module, Any]]) -> None:
+    def _attach_hooks(self, selected: list[tuple[str, nn.Module, type[LayerAdapter]]]) -> None:
         """One `LayerCapture` per logged layer; layers of one input width share P_in when configured."""
         shared_inputs: dict[tuple[Any, ...], Tensor] | None = {} if shares_input_projection(self.config) else None
         for info, (_, module, _) in zip(self.layers, selected):
@@ -190,7 +190,7 @@ class GradientLogger:
         return {name: s.copy() for name, s in self._stats.items()}
 
     @contextmanager
-    def record(self, ids: Any, mask: Tensor | None = None, *, param_grads: bool = True) -> Iterator[Record]:
+    def record(self, ids: IdsLike, mask: Tensor | None = None, *, param_grads: bool = True) -> Iterator[Record]:
         """Capture the per-example gradients of the forward and backward run inside the block.
 
         Args:
@@ -345,7 +345,7 @@ def _accumulate(
 
 
 def _layer_table(
-    config: LoGraConfig, selected: list[tuple[str, nn.Module, Any]]
+    config: LoGraConfig, selected: list[tuple[str, nn.Module, type[LayerAdapter]]]
 ) -> tuple[list[LayerInfo], dict[str, Callable[[], tuple[Tensor, Tensor]]]]:
     """The layer table of the selected layers (k clipped to each width, columns in model order) and,
     per layer, the zero-argument function that draws its projections."""

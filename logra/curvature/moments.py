@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -150,7 +149,9 @@ class CurvatureSource:
     fisher: FisherKind
 
 
-def curvature_source(store: GradientStore, statistics: Any, raw: bool) -> CurvatureSource:
+def curvature_source(
+    store: GradientStore, statistics: Mapping[str, KroneckerStatistics] | FisherStatistics | None, raw: bool
+) -> CurvatureSource:
     """Resolve `fit_preconditioner(statistics=...)` for `store`; `raw`: for method='raw'."""
     if statistics is None:
         source = CurvatureSource({} if raw else store.statistics(), None, None, FisherKind.EMPIRICAL)
@@ -183,7 +184,7 @@ def curvature_source(store: GradientStore, statistics: Any, raw: bool) -> Curvat
     return source
 
 
-def check_statistics(store: GradientStore, kron: Mapping[str, Any]) -> None:
+def check_statistics(store: GradientStore, kron: Mapping[str, KroneckerStatistics]) -> None:
     """Raise ConfigError unless `kron` holds KroneckerStatistics of the store's layers and sizes."""
     names = [layer.name for layer in store.layers]
     if sorted(kron) != sorted(names):

@@ -56,6 +56,7 @@ from logra.store.reader import GradientStore
 from logra.types import KroneckerStatistics, LayerInfo, parse_enum
 
 DEFAULT_RELATIVE_DAMPING = 0.1
+Device = torch.device | str | None
 
 
 class PreconditionerMethod(str, enum.Enum):
@@ -124,7 +125,7 @@ class Preconditioner:
 
     @classmethod
     def fit_factors(
-        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
+        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Device, progress: bool | None
     ) -> dict[str, dict[str, Tensor]]:
         """{layer: factors} fitted on `store` (one pass over its rows where the method needs one)."""
         return {}
@@ -203,7 +204,7 @@ class KFACPreconditioner(Preconditioner):
 
     @classmethod
     def fit_factors(
-        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
+        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Device, progress: bool | None
     ) -> dict[str, dict[str, Tensor]]:
         names = ("grad_eigenvectors", "grad_eigenvalues", "input_eigenvectors", "input_eigenvalues")
         return {name: dict(zip(names, eig)) for name, eig in kronecker_eigenbases(source.kronecker).items()}
@@ -234,7 +235,7 @@ class EKFACPreconditioner(KFACPreconditioner):
 
     @classmethod
     def fit_factors(
-        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
+        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Device, progress: bool | None
     ) -> dict[str, dict[str, Tensor]]:
         bases = {name: (q_s, q_a) for name, (q_s, _, q_a, _) in kronecker_eigenbases(source.kronecker).items()}
         moments = source.moments
@@ -263,7 +264,7 @@ class RawPreconditioner(Preconditioner):
 
     @classmethod
     def fit_factors(
-        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Any, progress: bool | None
+        cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Device, progress: bool | None
     ) -> dict[str, dict[str, Tensor]]:
         covariance = source.covariance
         if covariance is None:

@@ -17,7 +17,7 @@ import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from logra.store.files import sha256_file
 from logra.store.manifest import MANIFEST, Manifest, ShardInfo, load_manifest, parse_ids_file, read_manifest_bytes
 from logra.store.statistics import statistics_from_arrays
 from logra.types import ExampleId, KroneckerStatistics, LayerInfo
+
+if TYPE_CHECKING:  # the logger (capture) writes through this package: no import at run time
+    from logra.capture.logger import GradientLogger
 
 _OPEN_ATTEMPTS = 5  # re-reads of a manifest that a concurrent writer replaced while we opened it
 
@@ -286,7 +289,9 @@ def _verify_file(path: Path, digest: str) -> None:
 # Joining artifacts.
 
 
-def check_compatible(store: GradientStore, other: Any, *, check_model: bool = True) -> None:
+def check_compatible(
+    store: GradientStore, other: GradientStore | GradientLogger | LoGraConfig, *, check_model: bool = True
+) -> None:
     """Raise ConfigError unless rows logged by `other` can be scored against `store`.
 
     Args:
