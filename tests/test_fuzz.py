@@ -69,10 +69,12 @@ def pristine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return path
 
 
-def _only_library_errors(fn: Any, *args: Any) -> Any:
+def _only_library_errors(fn: Any, *args: Any, names: str) -> Any:
+    """fn(*args), or None when it raised a LograError, whose message must name the file `names`."""
     try:
         return fn(*args)
-    except LograError:
+    except LograError as exc:
+        assert names in str(exc), f"the error does not name {names}: {exc}"
         return None
 
 
@@ -82,14 +84,14 @@ def _only_library_errors(fn: Any, *args: Any) -> Any:
 @settings(SETTINGS, max_examples=1000)
 @given(raw=st.binary(max_size=300))
 def test_random_bytes_as_manifest(raw: bytes) -> None:
-    _only_library_errors(load_manifest, raw, Path("manifest.json"))
+    _only_library_errors(load_manifest, raw, Path("manifest.json"), names="manifest.json")
 
 
 @settings(SETTINGS, max_examples=600)
 @given(data=JSON)
 def test_random_json_as_manifest(data: Any) -> None:
-    _only_library_errors(parse_manifest, data, Path("manifest.json"))
-    _only_library_errors(load_manifest, json.dumps(data).encode(), Path("manifest.json"))
+    _only_library_errors(parse_manifest, data, Path("manifest.json"), names="manifest.json")
+    _only_library_errors(load_manifest, json.dumps(data).encode(), Path("manifest.json"), names="manifest.json")
 
 
 def _paths(d: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -150,8 +152,8 @@ def test_mutated_manifests_on_a_real_store(pristine: Path, tmp_path: Path, recom
             if s.manifest.statistics is not None:
                 s.statistics()
             opened[0] += 1
-        except LograError:
-            pass
+        except LograError as exc:
+            assert str(store) in str(exc), f"the error does not name a file of the store: {exc}"
 
     check()
     assert opened[0] > 0 or not recompute, "no mutation was benign: the fuzzer never reached a successful open"
@@ -167,7 +169,7 @@ def test_random_id_files(data: Any, rows: int) -> None:
     shard = ShardInfo(
         "shard-000-000000.bin", "shard-000-000000.ids.json", rows, "0" * 64, hashlib.sha256(raw).hexdigest()
     )
-    ids = _only_library_errors(parse_ids_file, raw, Path("ids.json"), shard)
+    ids = _only_library_errors(parse_ids_file, raw, Path("ids.json"), shard, names="ids.json")
     if ids is not None:
         assert len(ids) == rows and len(set(ids)) == rows
         assert all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids)
@@ -177,7 +179,7 @@ def test_random_id_files(data: Any, rows: int) -> None:
 @given(raw=st.binary(max_size=200))
 def test_random_id_file_bytes(raw: bytes) -> None:
     shard = ShardInfo("shard-000-000000.bin", "shard-000-000000.ids.json", 2, "0" * 64, hashlib.sha256(raw).hexdigest())
-    _only_library_errors(parse_ids_file, raw, Path("ids.json"), shard)
+    _only_library_errors(parse_ids_file, raw, Path("ids.json"), shard, names="ids.json")
 
 
 # ---------------------------------------------------------------- pathological inputs
