@@ -15,6 +15,7 @@ from torch import Tensor
 
 from logra.errors import ConfigError
 from logra.score import TopK
+from logra.store.files import write_durable
 from logra.types import ExampleId
 
 from .hf import dataset_ids
@@ -85,5 +86,5 @@ def top_k_table(top: TopK, query_ids: Sequence[ExampleId]) -> Any:
 
 
 def save_parquet(table: Any, path: str | os.PathLike[str]) -> None:
-    """Write a `datasets.Dataset` (e.g. from `scores_table`) to a parquet file."""
-    table.to_parquet(os.fspath(path))
+    """Write a `datasets.Dataset` (e.g. from `scores_table`) to a parquet file, whole or not at all."""
+    write_durable(path, lambda f: table.to_parquet(f))
