@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/e2e.py
 	$(PY) benchmarks/accuracy.py
+	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/report.py
 
 # make bench-peers: logra side by side with LogIX, Kronfluence and TRAK, installed into their own

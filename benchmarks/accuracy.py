@@ -7,9 +7,11 @@ summed scores of a subset and the measured (seed-averaged) query loss after retr
 (`logra.evaluation.linear_datamodeling_score`).
 
 Methods: logra identity / kfac / ekfac / raw at several k (raw only for k <= 32: its matrix per
-layer is (k_out k_in)^2), logra kfac / ekfac at k = 64 with pca projections (the top eigenvectors
-of the Kronecker factors of a first, full-size pass: the best k-dimensional subspace per side,
-which shows what any k = 64 Kronecker projection can keep), logra ekfac without projection
+layer is (k_out k_in)^2), logra kfac / ekfac at k = 64 on the true Fisher (the exact expectation
+over the digits' 10 classes; one label drawn per token of the LM), logra kfac / ekfac at k = 64
+with pca projections (the top eigenvectors of the Kronecker factors of a first, full-size pass:
+the best k-dimensional subspace per side, which shows what any k = 64 Kronecker projection can
+keep), logra ekfac without projection
 (k = the layer sizes, identity projections), a plain gradient dot product (full gradients, no
 preconditioner); with --peers also Kronfluence EK-FAC (no projection; its default true Fisher,
 and the empirical Fisher that logra and LogIX use), LogIX (LoGra through LoRA, kfac and raw), and
@@ -47,10 +49,11 @@ K_VALUES = {"digits-mlp": [8, 16, 32, 64], "markov-lm": [8, 16, 32, 64]}
 # every batch: the LM at k=64 (proj_dim 57,344) would take it several minutes, so it runs at k=16 there.
 TRAK_K = {"digits-mlp": [16, 64], "markov-lm": [16]}
 LOGIX_K = [16, 64]
-PEER_BATCH = {"digits-mlp": 100, "markov-lm": 32}
+PEER_BATCH = {"digits-mlp": 100, "markov-lm": 32, "news-lm": 32}
 FULL = 1 << 20  # a k larger than every layer: no projection
 KRON_EMPIRICAL = "Kronfluence, empirical Fisher"
 PCA = "logra, pca projection (2 passes)"
+TRUE_FISHER = "logra, true Fisher"
 
 
 def workload(task: tasks.Task, model: torch.nn.Module) -> peers.Workload:
@@ -106,7 +109,11 @@ def logra_methods(w: peers.Workload, task: str) -> list[Method]:
 
         return run
 
+    def true_fisher(k: int) -> Callable[[str, int], dict[str, Tensor]]:
+        return lambda root, seed: peers.logra_scores(peers.fresh(w), k, ["kfac", "ekfac"], root, True, seed=seed)
+
     return out + [
+        (TRUE_FISHER, 64, True, true_fisher(64)),
         (PCA, 64, False, pca(64)),
         ("logra, no projection", None, False, full("ekfac")),
         ("gradient dot product", None, False, full("identity")),

@@ -116,9 +116,25 @@ def logra_query_rows(w: Workload, config: logra.LoGraConfig) -> Tensor:
     return torch.cat(rows)
 
 
-def logra_fit(store: logra.GradientStore, method: str) -> logra.Preconditioner:
-    """The one call site of the preconditioner API."""
-    return logra.fit_preconditioner(store, method=method, progress=False)
+def logra_fit(
+    store: logra.GradientStore, method: str, statistics: logra.FisherStatistics | None = None
+) -> logra.Preconditioner:
+    """The one call site of the preconditioner API (`statistics`: the true Fisher, or None: empirical)."""
+    return logra.fit_preconditioner(store, method=method, statistics=statistics, progress=False)
+
+
+def logra_true_fisher(w: Workload, config: logra.LoGraConfig, seed: int) -> logra.FisherStatistics:
+    """The true Fisher of w.train (ekfac statistics, which kfac reads too): the exact expectation over a
+    classifier's classes, one sampled label per token of an LM (its summed next-token loss)."""
+
+    def logits_fn(model: nn.Module, batch: Batch) -> Tensor:
+        logits = w.logits(model, batch)
+        return logits if w.kind == "classifier" else logits[:, :-1]
+
+    return logra.true_fisher_statistics(
+        w.model, config, w.train, logits_fn=logits_fn, method="ekfac", seed=seed, param_grads=False,
+        batch_size_fn=lambda batch: len(batch[0]), progress=False,
+    )  # fmt: skip
 
 
 def logra_score(store: logra.GradientStore, pre: logra.Preconditioner, queries: Tensor) -> Tensor:
@@ -126,13 +142,17 @@ def logra_score(store: logra.GradientStore, pre: logra.Preconditioner, queries: 
     return logra.Scorer(store, pre, progress=False).score(queries)
 
 
-def logra_scores(w: Workload, k: int, methods: list[str], root: str, **config: Any) -> dict[str, Tensor]:
-    """{method: scores [Q, N]} of logra at projection size k (one logging pass for all methods)."""
+def logra_scores(
+    w: Workload, k: int, methods: list[str], root: str, true_fisher: bool = False, **config: Any
+) -> dict[str, Tensor]:
+    """{method: scores [Q, N]} of logra at projection size k (one logging pass for all methods); with
+    `true_fisher`, kfac/ekfac are fitted on the true Fisher (`logra_true_fisher`, seeded by config's seed)."""
     cfg = logra_config(w, k, **config)
     logra_log(w, cfg, root)
     store = logra.GradientStore.open(root)
     queries = logra_query_rows(w, cfg)
-    return {m: logra_score(store, logra_fit(store, m), queries) for m in methods}
+    fisher = logra_true_fisher(w, cfg, cfg.seed) if true_fisher else None
+    return {m: logra_score(store, logra_fit(store, m, fisher), queries) for m in methods}
 
 
 # ------------------------------------------------------------------------------------ LogIX

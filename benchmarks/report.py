@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 START, END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
 
 
-OURS = ("floor", "logra", "logra-kfac", "logra-ekfac", "logra, no projection", "gradient dot product")
+OURS = ("floor", "logra", "logra-kfac", "logra-ekfac", "logra, no projection", "gradient dot product",
+        "logra, pca projection (2 passes)", "logra, true Fisher")  # fmt: skip
 
 
 def load(name: str, results: Path = HERE / "results") -> dict[str, Any] | None:
@@ -253,6 +254,35 @@ def targets(t: dict | None, e: dict | None, a: dict | None) -> list[str]:
     return (["| target | measured | |", "| --- | --- | --- |"] + out) if out else []
 
 
+LOGRA_K64 = ("logra", "logra, true Fisher")  # one logging pass at k, as a user runs it
+
+
+def targets_17(a: dict | None) -> list[str]:
+    """Issue 17's benchmark target (digits-mlp LDS at k = 64 >= 0.55), with the reason when missed."""
+    if not a:
+        return []
+    best = max((r for r in a["rows"] if r["task"] == "digits-mlp" and r["tool"] in LOGRA_K64 and r["k"] == 64
+                and "lds" in r), key=lambda r: r["lds"], default=None)  # fmt: skip
+    if best is None:
+        return []
+    full = lds(a, "digits-mlp", "logra, no projection", "ekfac", None)
+    kron = [lds(a, "digits-mlp", name, "ekfac", None) for name in ("Kronfluence", "Kronfluence, empirical Fisher")]
+    ceiling = max([x for x in (full, *kron) if x is not None], default=None)
+    reason = (
+        f" — unprojected EK-FAC (logra's, empirical Fisher; Kronfluence's, either Fisher) reaches at most "
+        f"{ceiling:.3f} here, so 0.55 is beyond Kronecker-factored influence on this task at any k"
+        if ceiling is not None and ceiling < 0.55
+        else ""
+    )
+    ok = best["lds"] >= 0.55
+    return [
+        "| target | measured | |",
+        "| --- | --- | --- |",
+        f"| digits-mlp: LDS at k=64 ≥ 0.55 | {best['lds']:.3f} ({best['tool']} {best['method']}){'' if ok else reason} "
+        f"| {'met' if ok else '**not met**'} |",
+    ]
+
+
 def peer_wins(t: dict | None, e: dict | None, a: dict | None) -> list[str]:
     """Plain sentences for every comparison a peer wins."""
     wins = []
@@ -280,7 +310,7 @@ def peer_wins(t: dict | None, e: dict | None, a: dict | None) -> list[str]:
                     (
                         x["lds"]
                         for x in a["rows"]
-                        if x["task"] == r["task"] and x["tool"] == "logra" and x["k"] == k and "lds" in x
+                        if x["task"] == r["task"] and x["tool"] in LOGRA_K64 and x["k"] == k and "lds" in x
                     ),
                     default=None,
                 )
@@ -338,11 +368,55 @@ def section(results: Path = HERE / "results") -> str:
             *accuracy_tables(a),
             "",
         ]
+    b = load("bytes_curve", results)
+    if b:
+        out += bytes_curve_lines(b)
     tg = targets(t, e, a)
     if tg:
         out += ["**Targets of issue 7**", "", *tg, ""]
+    tg17 = targets_17(a)
+    if tg17:
+        out += ["**Targets of issue 17** (the convex leave-one-out target is under *Scoring* above)", "", *tg17, ""]
     out += ["**Where a peer wins**", "", *peer_wins(t, e, a)]
     return "\n".join(out)
+
+
+def bytes_curve_lines(b: dict[str, Any], method: str = "ekfac") -> list[str]:
+    """Section 5: LDS against bytes per example on the language-model tasks (benchmarks/bytes_curve.py)."""
+    out = [
+        "**5. Accuracy per byte on language models** — LDS of EK-FAC against the bytes stored per training "
+        "example, for each way of spending them (`benchmarks/bytes_curve.py`; "
+        "plot: `benchmarks/results/bytes_curve.svg`). *budget* shares one row width D across layers "
+        "(`logra.capture.budget.allocate_k`, from a statistics-only probe pass); its D is that of uniform k "
+        "in the k column (twice that in bfloat16).",
+        "",
+        "![LDS against bytes per example](benchmarks/results/bytes_curve.svg)",
+        "",
+    ]
+    for task in dict.fromkeys(r["task"] for r in b["rows"]):
+        rows = [r for r in b["rows"] if r["task"] == task and r["method"] == method]
+        full = next((r for r in rows if r["candidate"] == "logra, no projection"), None)
+        head = next((r for r in rows if r["candidate"] == "LM head only, no projection"), None)
+        refs = []
+        if full:
+            kib = full["bytes"] / 1024
+            refs.append(f"logra EK-FAC without projection {full['lds']:.3f} ({kib:,.0f} KiB per example)")
+        if head:
+            refs.append(f"the LM head alone, without projection, {head['lds']:.3f} ({head['bytes'] / 1024:,.0f} KiB)")
+        if task in b.get("kronfluence", {}):
+            refs.append(f"Kronfluence EK-FAC {b['kronfluence'][task]:.3f}")
+        if task in b.get("ceilings", {}):
+            refs.append(f"seed-vs-seed ceiling {b['ceilings'][task]:.3f}")
+        out += [f"*{task}* — " + "; ".join(refs) + ".", "",
+                "| candidate | k | KiB / example | LDS (EK-FAC) | ± seeds | LDS (KFAC) |",
+                "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        kfac = {(r["candidate"], r["k"]): r["lds"] for r in b["rows"] if r["task"] == task and r["method"] == "kfac"}
+        curve = [r for r in rows if r is not full and r is not head]
+        for r in sorted(curve, key=lambda r: (r["candidate"], r["bytes"])):
+            out.append(f"| {r['candidate']} | {r['k']} | {r['bytes'] / 1024:,.1f} | {r['lds']:.3f} | "
+                       f"{fmt(r.get('lds_std'), 3)} | {fmt(kfac.get((r['candidate'], r['k'])), 3)} |")  # fmt: skip
+        out.append("")
+    return out
 
 
 def write(path: Path, text: str) -> bool:

@@ -154,7 +154,26 @@ def lm_task() -> Task:
     return Task("markov-lm", recipe, seqs[:n], None, seqs[n:], None, build_lm, names)
 
 
+def news_task() -> Task:
+    """`news-lm` (see news_lm.py): GPT-2 fine-tuned from a shared base on real news chunks."""
+    import news_lm
+
+    recipe = Recipe(n_train=news_lm.N_TRAIN, n_query=news_lm.N_QUERY, epochs=4, batch=16, lr=1e-3,
+                    weight_decay=0.01, n_subsets=100, seeds=2,
+                    extra={"base": news_lm.BASE_RECIPE, "length": news_lm.LENGTH, "finetuned": True})  # fmt: skip
+    base, train_x, query_x = news_lm.corpus()
+    weights = news_lm.base_weights(base)
+
+    def build() -> nn.Module:
+        model = news_lm.gpt2()
+        model.load_state_dict(weights)
+        return model
+
+    return Task("news-lm", recipe, train_x, None, query_x, None, build, list(news_lm.LOGGED))
+
+
 TASKS: dict[str, Callable[[], Task]] = {"digits-mlp": digits_task, "markov-lm": lm_task}
+ALL_TASKS: dict[str, Callable[[], Task]] = {**TASKS, "news-lm": news_task}
 
 
 def train(task: Task, indices: Tensor, seed: int) -> nn.Module:
@@ -197,14 +216,15 @@ def generate(task: Task, log: Callable[[str], None] = print) -> dict[str, np.nda
     r = task.recipe
     masks = subsets(task)
     full = train(task, torch.arange(r.n_train), seed=0)
-    outputs = np.zeros((r.n_subsets, r.n_query))
+    seed_outputs = np.zeros((r.seeds, r.n_subsets, r.n_query))
     start = time.perf_counter()
     for m, mask in enumerate(masks):
         idx = mask.nonzero().flatten()
-        runs = [query_losses(task, train(task, idx, seed=100 + 7 * m + s)) for s in range(r.seeds)]
-        outputs[m] = torch.stack(runs).mean(0).numpy()
+        for s in range(r.seeds):
+            seed_outputs[s, m] = query_losses(task, train(task, idx, seed=100 + 7 * m + s)).numpy()
         log(f"{task.name}: subset {m + 1}/{r.n_subsets} ({time.perf_counter() - start:.0f} s)")
-    arrays = {"subsets": masks.numpy(), "outputs": outputs, "full_query_losses": query_losses(task, full).numpy()}
+    arrays = {"subsets": masks.numpy(), "outputs": seed_outputs.mean(0), "seed_outputs": seed_outputs,
+              "full_query_losses": query_losses(task, full).numpy()}  # fmt: skip
     arrays.update({f"model.{k}": v.numpy() for k, v in full.state_dict().items()})
     return arrays
 
@@ -240,14 +260,34 @@ def ground_truth(task: Task, regenerate: bool = False) -> tuple[nn.Module, Tenso
         return model, torch.from_numpy(data["subsets"]), torch.from_numpy(data["outputs"])
 
 
+def seed_outputs(task: Task) -> np.ndarray | None:
+    """[seeds, subsets, queries]: each seed's measured query losses, from the cache (None in caches older
+    than that array)."""
+    npz, _ = cache_paths(task.name)
+    with np.load(npz, allow_pickle=False) as data:
+        return data["seed_outputs"] if "seed_outputs" in data.files else None
+
+
+def seed_ceiling(outputs_by_seed: np.ndarray) -> float:
+    """Mean over queries of Spearman(seed 0's outputs, seed 1's) across subsets: the LDS of one
+    retraining seed as a predictor of another, a ceiling for any attribution method.
+
+    outputs_by_seed: [seeds >= 2, subsets, queries].
+    """
+    from logra.evaluation import spearman
+
+    a, b = (torch.from_numpy(np.ascontiguousarray(outputs_by_seed[i].T)) for i in (0, 1))  # [Q, M]
+    return float(spearman(a, b).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=list(TASKS), nargs="*", default=list(TASKS))
+    parser.add_argument("--task", choices=list(ALL_TASKS), nargs="*", default=list(TASKS))
     parser.add_argument("--force", action="store_true", help="regenerate even when the cache matches")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.task:
-        task = TASKS[name]()
+        task = ALL_TASKS[name]()
         model, masks, outputs = ground_truth(task, regenerate=args.force)
         print(f"{name}: {masks.shape[0]} subsets x {outputs.shape[1]} queries", file=sys.stderr)
 

@@ -50,7 +50,7 @@ with logra.GradientLogger(model, config) as query_logger:  # no store: rows stay
 
 # 5. Score: positive = helpful (lowers the query's loss), negative = harmful.
 scorer = logra.Scorer(store, preconditioner)
-top = scorer.top_k(queries.rows, k=3)
+top = scorer.top_k(queries, k=3)  # the Record: its config and model are checked against the store
 for q in range(5):
     print(
         f"test point {q}: most harmful training examples {top.harmful_ids[q]} "

@@ -2,6 +2,7 @@
 
     store = log_trainer(trainer, LoGraConfig(modules=["*mlp*"]), "runs/train")            # train side
     queries = trainer_rows(trainer, config, query_dataset)                               # query side
+    fisher = trainer_fisher(trainer, config)              # optional: the true Fisher, for fit_preconditioner
 
 No optimizer step is taken and the model's parameters and `.grad` are left as they were: the
 model runs in eval mode (no dropout) with its parameters frozen for the pass, so backward computes
@@ -36,9 +37,13 @@ from torch import Tensor, nn
 
 from logra import distributed
 from logra.capture import GradientLogger
+from logra.capture.logger import QueryRows  # rows with their config and model fingerprint (re-exported)
 from logra.config import LoGraConfig
+from logra.curvature.fisher import FisherLabels, true_fisher_statistics
+from logra.curvature.moments import FisherStatistics
+from logra.curvature.precondition import PreconditionerMethod
 from logra.errors import CaptureError, ConfigError
-from logra.losses import Task, TokenReduction, detect_task, per_example_losses
+from logra.losses import Task, TokenReduction, detect_task, hf_logits_fn, per_example_losses
 from logra.store import GradientStore
 from logra.types import ExampleId, normalize_ids, parse_enum
 
@@ -49,14 +54,6 @@ class LossMode(str, enum.Enum):
     AUTO = "auto"
     PER_EXAMPLE = "per_example"
     COMPUTE_LOSS = "compute_loss"
-
-
-@dataclass(frozen=True)
-class QueryRows:
-    """Rows logged in memory: `ids` (Q) and `rows` (Q, D) float64 on the CPU, in dataset order."""
-
-    ids: list[ExampleId]
-    rows: Tensor
 
 
 def _loss_is_customised(trainer: Any) -> bool:
@@ -264,7 +261,9 @@ def trainer_rows(
 ) -> QueryRows:
     """Rows of a (small) query `dataset` in memory, defined exactly like `log_trainer`'s.
 
-    Every rank logs the whole dataset and returns the same (Q, D) float64 rows, in dataset order.
+    Every rank logs the whole dataset and returns the same (Q, D) float64 rows, in dataset order,
+    with the config, layer table and model fingerprint they were logged with: pass the result
+    itself to `Scorer` (or as `query_config=`), which checks it against the store.
     """
     p = _prepare(trainer, dataset, id_column, loss, task, token_reduction, mask_key, batch_size)
     logger = GradientLogger(distributed.unwrap_model(trainer.model), config, None, statistics=False)
@@ -277,4 +276,64 @@ def trainer_rows(
         logger.close()
     ids = [i for rec in records for i in rec.ids]
     rows = [rec.rows.detach().to("cpu", torch.float64) for rec in records]
-    return QueryRows(ids, torch.cat(rows) if rows else torch.zeros(0, logger.dim, dtype=torch.float64))
+    return QueryRows(
+        ids,
+        torch.cat(rows) if rows else torch.zeros(0, logger.dim, dtype=torch.float64),
+        config,
+        logger.model_fingerprint,
+        tuple(logger.layers),
+    )
+
+
+class _Collated:
+    """The collated batches of `dataset`, re-iterable (ekfac's true Fisher takes two passes)."""
+
+    def __init__(self, p: _Pass, model: nn.Module) -> None:
+        self.p, self.columns = p, _model_columns(p.trainer, model)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n, size = len(self.p.dataset), self.p.batch_size
+        for start in range(0, n, size):
+            yield _collate(self.p.trainer, self.p.dataset, range(start, min(start + size, n)), self.columns)
+
+
+def trainer_fisher(
+    trainer: Any,
+    config: LoGraConfig,
+    *,
+    dataset: Any = None,
+    method: PreconditionerMethod | str = PreconditionerMethod.KFAC,
+    batch_size: int | None = None,
+    loss: LossMode | str = LossMode.AUTO,
+    task: Task | str | None = None,
+    token_reduction: TokenReduction | str = TokenReduction.MEAN,
+    mask_key: str | None = "attention_mask",
+    labels: FisherLabels | str = FisherLabels.AUTO,
+    num_samples: int = 1,
+    seed: int = 0,
+) -> FisherStatistics:
+    """The true Fisher of the Trainer's model on `dataset` (default: the train set), for
+    `fit_preconditioner(store, method, statistics=...)` on the store of `log_trainer(trainer, config, ...)`.
+
+    Labels come from the model's own predictive distribution (`logra.losses.likelihood_logits`): the
+    exact expectation over the classes of a single-label classifier, sampled per token for a causal
+    LM (`labels`, `num_samples`: see `logra.true_fisher_statistics`). The model runs in eval mode
+    with its parameters frozen, so `.grad` is left as it was. A customised Trainer loss (loss='auto'
+    picks compute_loss) or a regression / multi-label head is not a softmax likelihood: ConfigError.
+    """
+    p = _prepare(trainer, dataset, None, loss, task, token_reduction, mask_key, batch_size)
+    if p.mode is not LossMode.PER_EXAMPLE or p.task is None:
+        raise ConfigError(
+            "the Trainer's loss is customised (an overridden compute_loss, a compute_loss_func or label "
+            "smoothing), so logra cannot tell its likelihood, and the true Fisher needs one. Pass loss='per_example' "
+            "if it is the model's own cross-entropy, use the empirical Fisher (statistics=None), or compute the "
+            "statistics with logra.true_fisher_statistics(loss_fn=...) sampling from your likelihood."
+        )
+    model = distributed.unwrap_model(trainer.model)
+    mask_fn = (lambda batch: batch.get(mask_key)) if mask_key is not None else (lambda batch: None)
+    with eval_mode(model):
+        return true_fisher_statistics(
+            model, config, _Collated(p, model), logits_fn=hf_logits_fn(p.task, p.token_reduction), method=method,
+            labels=labels, num_samples=num_samples, seed=seed, batch_size_fn=lambda batch: len(batch["labels"]),
+            mask_fn=mask_fn, param_grads=False,
+        )  # fmt: skip

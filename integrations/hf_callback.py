@@ -195,7 +195,7 @@ def tracin_scores(
             raise ConfigError(f"checkpoint {c.name} has no query store; pass query_dataset= to LoGraCallback.")
         train, query = GradientStore.open(c.train), GradientStore.open(c.query)
         scorer = Scorer(train, fit_preconditioner(train, method), normalization, compute_dtype=torch.float64)
-        part = scorer.score(query.rows())
+        part = scorer.score(query)  # a query store: its config and model are checked against the train store
         weight = (c.learning_rate if c.learning_rate is not None else 1.0) if learning_rates else 1.0
         if total is None:
             total, train_ids, query_ids = weight * part.to(torch.float64), list(train.ids), list(query.ids)

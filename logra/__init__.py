@@ -7,9 +7,9 @@ with one matmul per chunk.
 
 from logra import evaluation
 from logra.capture.adapters import LayerAdapter
-from logra.capture.logger import GradientLogger, Record
+from logra.capture.logger import GradientLogger, QueryRows, Record
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit, StorageDtype
-from logra.curvature.fisher import sampled_cross_entropy, true_fisher_statistics
+from logra.curvature.fisher import FisherLabels, sampled_cross_entropy, true_fisher_statistics
 from logra.curvature.moments import FisherKind, FisherStatistics
 from logra.curvature.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner
 from logra.curvature.saved import load_preconditioner
@@ -43,11 +43,13 @@ __all__ = [
     "NonFiniteGradientError",
     "NonFinitePolicy",
     "ProjectionInit",
+    "QueryRows",
     "Record",
     "StorageDtype",
     "StoreCorruptedError",
     "StoreError",
     "FisherKind",
+    "FisherLabels",
     "FisherStatistics",
     "Normalization",
     "Preconditioner",

@@ -27,7 +27,8 @@ class ProjectionInit(str, enum.Enum):
     gaussian: i.i.d. N(0, 1/k) entries.  rademacher: i.i.d. ±1/sqrt(k).
     orthogonal: rows orthonormal (P Pᵀ = I).  identity: the first k rows of the identity
     (with k equal to the layer size, logging is exact).  pca: the top-k eigenvectors of the
-    Kronecker factors of an earlier full-size pass (see `pca_statistics`).
+    Kronecker factors of an earlier full-size pass (see `pca_statistics`). Whatever the init, a
+    side whose k reaches its width (k is clipped to it) is the identity: exact, nothing distorted.
     """
 
     GAUSSIAN = "gaussian"
@@ -85,8 +86,12 @@ _ENUM_FIELDS: dict[str, type[enum.Enum]] = {
 class LoGraConfig:
     """Everything that determines the values of logged, projected per-example gradients."""
 
-    k_in: int = field(default=64, metadata={"help": "Input-side projection size (clipped to layer width)."})
-    k_out: int = field(default=64, metadata={"help": "Output-side projection size (clipped to layer width)."})
+    k_in: int = field(
+        default=64, metadata={"help": "Input-side projection size (clipped to the layer width: then the identity)."}
+    )
+    k_out: int = field(
+        default=64, metadata={"help": "Output-side projection size (clipped to the layer width: then the identity)."}
+    )
     init: ProjectionInit = field(default=ProjectionInit.GAUSSIAN, metadata={"help": "Projection initialisation."})
     seed: int = field(default=0, metadata={"help": "Seed of every projection matrix."})
     modules: tuple[str, ...] | None = field(

@@ -337,7 +337,7 @@ def shard_view(store: GradientStore, shards: range) -> tuple[GradientStore, int]
     """A read-only store of the shards `shards` of `store`, and the store row of its first row."""
     manifest = dataclasses.replace(store.manifest, shards=tuple(store.manifest.shards[i] for i in shards))
     first_row = sum(s.rows for s in store.manifest.shards[: shards.start])
-    return GradientStore(store.root, manifest), first_row
+    return GradientStore(store.root, manifest, statistics_rows=len(store)), first_row
 
 
 def shared_preconditioner(

@@ -188,3 +188,62 @@ def per_example_losses(
         return causal_lm_loss(logits, labels, reduction=token_reduction)
     problem_type = getattr(getattr(model, "config", None), "problem_type", None)
     return sequence_classification_loss(logits, labels, problem_type=problem_type)
+
+
+def likelihood_logits(
+    model: torch.nn.Module,
+    outputs: Any,
+    labels: Tensor,
+    task: Task | str,
+    token_reduction: TokenReduction | str = TokenReduction.MEAN,
+) -> tuple[Tensor, Tensor]:
+    """The categorical likelihood behind `per_example_losses`, for the true Fisher: (logits, weights).
+
+    causal_lm: logits (B, T-1, V) of the next tokens, weights (B, T-1) = 1 on labelled tokens (divided
+    by their count for token_reduction="mean"), 0 elsewhere.  sequence_classification with
+    single-label targets: logits (B, C), weights (B,) = 0 for an ignored label, else 1. Then
+    Σ weights · cross-entropy(logits, labels) is the per-example loss, and labels drawn from
+    softmax(logits) give the true Fisher (`logra.true_fisher_statistics(logits_fn=...)`).
+
+    Raises ConfigError for a regression or multi-label classifier: squared error and BCE are not a
+    softmax cross-entropy, so they have no categorical true Fisher here.
+    """
+    if isinstance(outputs, Tensor):
+        logits = outputs
+    else:
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    if parse_enum(Task, task, "task") is Task.CAUSAL_LM:
+        if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+            raise ConfigError(f"causal LM logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match.")
+        targets = labels[:, 1:].to(logits.device)
+        weights = (targets != IGNORE_INDEX).to(_loss_dtype(logits).dtype)
+        if parse_enum(TokenReduction, token_reduction, "token_reduction") is TokenReduction.MEAN:
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+        return _loss_dtype(logits[:, :-1]), weights
+    problem_type = getattr(getattr(model, "config", None), "problem_type", None)
+    kind = (
+        infer_problem_type(logits.shape[-1], labels)
+        if problem_type is None
+        else parse_enum(ProblemType, problem_type, "problem_type")
+    )
+    if kind is not ProblemType.SINGLE_LABEL:
+        raise ConfigError(
+            f"the true Fisher needs a softmax cross-entropy likelihood, but this classifier's problem_type is "
+            f"{kind.value!r} ({'squared error' if kind is ProblemType.REGRESSION else 'binary cross-entropy'}). "
+            "Use the empirical Fisher (--fisher empirical, fisher='empirical'), or compute FisherStatistics with "
+            "logra.true_fisher_statistics(loss_fn=...) sampling targets from your model's own likelihood."
+        )
+    weights = (labels.reshape(-1).to(logits.device) != IGNORE_INDEX).to(_loss_dtype(logits).dtype)
+    return _loss_dtype(logits), weights
+
+
+def hf_logits_fn(task: Task | str, token_reduction: TokenReduction | str = TokenReduction.MEAN) -> Any:
+    """`logits_fn(model, batch)` of `likelihood_logits` for batches {input_ids, attention_mask, labels, ...}:
+    the model is called on every key but labels (so it computes no loss of its own)."""
+    task = parse_enum(Task, task, "task")
+
+    def logits_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return likelihood_logits(model, model(**inputs), batch["labels"], task, token_reduction)
+
+    return logits_fn

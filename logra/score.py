@@ -8,7 +8,15 @@ removing i raises the query's loss by about score / N.
 The `Scorer` preconditions the queries once (float64), then streams the store in chunks and does
 one matmul per chunk, [Q, D] @ [D, n], in the compute dtype (half stores are upcast chunk by
 chunk). Peak memory is one chunk plus the queries, whatever N; the full [Q, N] matrix can go
-to a memory-mapped .npy file. Top-k keeps a running [Q, k] per query, merged with torch.topk.
+to a memory-mapped .npy file, whose space is reserved (posix_fallocate) before the map is
+written, so a full disk raises `StoreError` instead of killing the process with SIGBUS. Top-k
+keeps a running [Q, k] per query, merged with torch.topk.
+
+Queries are checked against the store: a query `GradientStore`, a `Record` of
+`GradientLogger.record` or a `QueryRows` carry their config, layer table and model fingerprint,
+and `check_compatible` refuses a mismatch. Bare [Q, D] tensors cannot be checked; they get a
+warning unless `query_config=` was given. `Scorer.provenance` names the store, preconditioner and
+queries a score came from (fingerprints), for every output to carry.
 
 Normalisations: "dot" (the score above), "cosine" (divided by sqrt(g_qᵀH⁻¹g_q · g_iᵀH⁻¹g_i),
 the cosine in the H⁻¹ metric), "relative" (RelatIF: divided by sqrt(g_iᵀH⁻¹g_i), the training
@@ -18,10 +26,14 @@ score 0 under cosine and relative; so does a zero query under cosine.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,10 +41,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from logra.config import LoGraConfig
 from logra.curvature.precondition import Preconditioner
-from logra.errors import ConfigError, NonFiniteGradientError
-from logra.store.reader import GradientStore, check_compatible
+from logra.curvature.saved import preconditioner_fingerprint
+from logra.errors import ConfigError, NonFiniteGradientError, StoreError
+from logra.store.files import TMP_SUFFIX, fsync_dir, no_space, preallocate
+from logra.store.reader import GradientStore, LoggedRows, check_compatible
 from logra.types import ExampleId, parse_enum
+
+Queries = Tensor | GradientStore | LoggedRows  # LoggedRows: a capture Record or a QueryRows
 
 
 class Normalization(str, enum.Enum):
@@ -127,32 +144,66 @@ class Scorer:
             raise ConfigError(f"compute_dtype={self.compute_dtype} must be torch.float32 or torch.float64.")
         self.progress = progress
         self.check_model = check_model
+        self._queries_checked = query_config is not None  # bare tensors then need no warning
         self._chunk_pre = preconditioner.to(self.device, self.compute_dtype)
 
     # ------------------------------------------------------------ public surface
 
-    def score(self, query_rows: Tensor | GradientStore, out: str | os.PathLike[str] | None = None) -> Tensor:
+    def score(self, query_rows: Queries, out: str | os.PathLike[str] | None = None) -> Tensor:
         """Scores [Q, N] of every query against every training row.
 
         Args:
-            query_rows: [Q, D] projected query gradients (logged with the store's config), or a
-                query GradientStore.
-            out: a path: write a float32 [Q, N] .npy memory map there and return a tensor view of it.
+            query_rows: a `Record` or `QueryRows` of queries logged with the store's config, a query
+                GradientStore, or bare [Q, D] rows (unchecked: a warning says so).
+            out: a path: write a float32 [Q, N] .npy there and return a tensor view of its memory
+                map. Its bytes are reserved first; on a full disk a StoreError names the path and
+                the bytes needed, and nothing is left behind. The file appears whole or not at all.
         """
         q = self._prepare(query_rows)
         Q, N = q.pre.shape[0], len(self.store)
-        if out is not None:
-            memmap = np.lib.format.open_memmap(os.fspath(out), mode="w+", dtype=np.float32, shape=(Q, N))
-            result = torch.from_numpy(memmap)
-        else:
+        if out is None:
             result = torch.empty(Q, N, dtype=self.compute_dtype)
+            self._fill(result, q)
+            return result
+        path = Path(out)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        try:
+            memmap = _reserved_memmap(tmp, Q, N)
+            self._fill(torch.from_numpy(memmap), q)
+            memmap.flush()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, OSError) and not isinstance(exc, StoreError):
+                raise no_space(path, 128 + 4 * Q * N, exc) from None
+            raise
+        return torch.from_numpy(memmap)
+
+    def _fill(self, result: Tensor, q: _Queries) -> None:
+        """Write the scores [Q, N] of the prepared queries into `result`, chunk by chunk."""
         for start, chunk, col_scale in self._stream(self.normalization is not Normalization.DOT):
             result[:, start : start + chunk.shape[0]] = self._normalize(q.pre @ chunk.T, q.scale, col_scale).cpu()
-        if out is not None:
-            memmap.flush()
-        return result
 
-    def score_by_layer(self, query_rows: Tensor | GradientStore) -> dict[str, Tensor]:
+    def provenance(self, query_rows: Queries | None = None) -> dict[str, str]:
+        """Fingerprints of what a score comes from: store, preconditioner and (when given) queries.
+
+        store: the SHA-256 of the store's signed manifest (it names the checksum of every file).
+        preconditioner: a SHA-256 over its method, Fisher kind, damping and factor bytes.
+        queries: a SHA-256 over the query rows (float64) and the config they were logged with.
+        """
+        out = {"store": self.store.fingerprint, "preconditioner": preconditioner_fingerprint(self.preconditioner)}
+        if query_rows is not None:
+            rows, config = _rows_of(query_rows)
+            h = hashlib.sha256((config.fingerprint() if config is not None else "unchecked").encode())
+            h.update(rows.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+            out["queries"] = h.hexdigest()
+        return out
+
+    def score_by_layer(self, query_rows: Queries) -> dict[str, Tensor]:
         """{layer: [Q, N]}: the per-layer terms of `score`, in layer-table order; they sum to the total.
 
         Under cosine/relative normalisation each term is divided by the same total norms.
@@ -168,7 +219,7 @@ class Scorer:
                 results[layer.name][:, start:stop] = part.cpu()
         return results
 
-    def top_k(self, query_rows: Tensor | GradientStore, k: int = 10) -> TopK:
+    def top_k(self, query_rows: Queries, k: int = 10) -> TopK:
         """The k most helpful (largest) and k most harmful (smallest) scores per query, with ids."""
         n = len(self.store)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
@@ -198,11 +249,25 @@ class Scorer:
 
     # ------------------------------------------------------------ internals
 
-    def _prepare(self, query: Tensor | GradientStore) -> _Queries:
+    def _prepare(self, queries: Queries) -> _Queries:
         """Check the queries, precondition them once in float64, move them to the compute device."""
-        if isinstance(query, GradientStore):
-            check_compatible(self.store, query, check_model=self.check_model)
-            query = query.rows()
+        if isinstance(queries, Tensor):
+            if not self._queries_checked:
+                warnings.warn(
+                    "Scorer got bare query rows, so it cannot check that they were logged with the store's seed, "
+                    "projection sizes, init and model. Pass the Record of GradientLogger.record (or a QueryRows, "
+                    "or a query GradientStore) instead of its .rows, or give Scorer(..., query_config=logger).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        else:
+            if not isinstance(queries, GradientStore) and not isinstance(getattr(queries, "config", None), LoGraConfig):
+                raise ConfigError(
+                    f"queries of type {type(queries).__name__} carry no LoGraConfig; pass a Record, QueryRows, query "
+                    "GradientStore or a [Q, D] tensor."
+                )
+            check_compatible(self.store, queries, check_model=self.check_model)
+        query, _ = _rows_of(queries)
         D = self.store.dim
         if not isinstance(query, Tensor) or query.dim() != 2 or query.shape[1] != D or query.shape[0] < 1:
             shape = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
@@ -246,6 +311,25 @@ class Scorer:
         if row_scale is not None:
             scores = scores * row_scale[:, None]
         return scores
+
+
+def _rows_of(queries: Queries) -> tuple[Any, LoGraConfig | None]:
+    """(the query rows, the config they were logged with, or None for bare rows)."""
+    if isinstance(queries, GradientStore):
+        return queries.rows(), queries.config
+    if isinstance(queries, Tensor):
+        return queries, None
+    return queries.rows, queries.config
+
+
+def _reserved_memmap(path: Path, Q: int, N: int) -> np.memmap:
+    """A float32 [Q, N] .npy memory map at `path` whose every byte is allocated on disk first."""
+    memmap = np.lib.format.open_memmap(os.fspath(path), mode="w+", dtype=np.float32, shape=(Q, N))
+    size = int(memmap.offset) + memmap.nbytes
+    del memmap  # nothing was written through the map yet; reserve the space, then map again
+    with open(path, "r+b") as f:
+        preallocate(f, size)
+    return np.lib.format.open_memmap(os.fspath(path), mode="r+")
 
 
 def _inverse_sqrt(x: Tensor) -> Tensor:

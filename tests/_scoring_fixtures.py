@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -133,14 +132,34 @@ def log_gpt2(root: Path, *, n: int = 20, batch: int = 4, n_query: int = 3) -> Lo
 
 # --------------------------------------------------------------------------------------------
 # Dense references: the curvature of each method built explicitly and inverted with linalg.inv.
+# Damping is in full-size units: λ is added to the full-size curvature before the projection
+# P = P_out ⊗ P_in sees it, so the damped projected curvature is H + λ P Pᵀ.
+
+
+def projection_gram(store: logra.GradientStore, layer: logra.LayerInfo) -> tuple[Tensor, Tensor]:
+    """(P_out P_outᵀ, P_in P_inᵀ) of one layer, from projections drawn here with `make_projection`."""
+    from logra.capture import make_projection
+    from logra.capture.projection import SHARED_INPUT
+
+    config = store.config
+    in_name = SHARED_INPUT if config.share_input_projection and config.init.value != "pca" else layer.name
+    p_in = make_projection(config.init, config.seed, in_name, "in", layer.k_in, layer.n_in)
+    p_out = make_projection(config.init, config.seed, layer.name, "out", layer.k_out, layer.n_out)
+    return p_out @ p_out.T, p_in @ p_in.T
+
+
+def dense_gram(store: logra.GradientStore, layer: logra.LayerInfo) -> Tensor:
+    """P Pᵀ = kron(P_out P_outᵀ, P_in P_inᵀ), (k_out*k_in)^2: what λ becomes in the projected space."""
+    return torch.kron(*projection_gram(store, layer))
 
 
 def dense_curvature(method: str, store: logra.GradientStore, layer: logra.LayerInfo) -> Tensor:
     """The undamped (k_out*k_in)^2 curvature of one layer, built by hand (float64).
 
-    kfac: kron(S, A).  ekfac: the kfac eigenbasis (numpy's eigh, so eigenvector signs may differ
-    from torch's) with eigenvalues the mean squared coordinates of the stored rows.  raw: the
-    mean outer product of the stored rows.
+    kfac: kron(S, A).  ekfac: the kfac basis with eigenvalues the mean squared coordinates of the
+    stored rows; the basis is scipy's generalized eigenvectors B of (S, P_out P_outᵀ) and (A,
+    P_in P_inᵀ) (Bᵀ M B = I; the ordinary eigenbasis where M = I), and the curvature M B diag(m) Bᵀ M.
+    raw: the mean outer product of the stored rows.
     """
     rows = store.layer_rows(layer.name).to(torch.float64)  # (N, s)
     stats = store.statistics()[layer.name]
@@ -149,23 +168,27 @@ def dense_curvature(method: str, store: logra.GradientStore, layer: logra.LayerI
     if method == "kfac":
         return torch.kron(S, A)
     if method == "ekfac":
-        q_s = torch.from_numpy(np.linalg.eigh(S.numpy())[1])
-        q_a = torch.from_numpy(np.linalg.eigh(A.numpy())[1])
-        basis = torch.kron(q_s, q_a)  # columns: the eigenvectors of kron(S, A) in row-major vec order
+        from scipy.linalg import eigh
+
+        m_out, m_in = projection_gram(store, layer)
+        b_s = torch.from_numpy(eigh(S.numpy(), m_out.numpy())[1])
+        b_a = torch.from_numpy(eigh(A.numpy(), m_in.numpy())[1])
+        basis = torch.kron(b_s, b_a)  # columns: generalized eigenvectors in row-major vec order
         lam = (rows @ basis).square().mean(0)
-        return basis @ torch.diag(lam) @ basis.T
+        t = dense_gram(store, layer) @ basis
+        return t @ torch.diag(lam) @ t.T
     if method == "raw":
         return rows.T @ rows / rows.shape[0]
     raise ValueError(method)
 
 
 def dense_inverse(method: str, store: logra.GradientStore, damping: dict[str, float]) -> Tensor:
-    """The block-diagonal (D, D) inverse of the damped curvature, by torch.linalg.inv."""
+    """The block-diagonal (D, D) inverse of H + λ P Pᵀ per layer, by torch.linalg.inv."""
     blocks = []
     for layer in store.layers:
         if method == "identity":
             blocks.append(torch.eye(layer.size, dtype=torch.float64))
             continue
-        H = dense_curvature(method, store, layer) + damping[layer.name] * torch.eye(layer.size, dtype=torch.float64)
+        H = dense_curvature(method, store, layer) + damping[layer.name] * dense_gram(store, layer)
         blocks.append(torch.linalg.inv(H))
     return torch.block_diag(*blocks)

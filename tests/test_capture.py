@@ -84,6 +84,28 @@ def test_plain_two_dimensional_inputs() -> None:
     assert_rows_close(rows, reference_rows(model, examples, logger.layers, logger.projection), logger.layers, REL)
 
 
+def test_a_model_that_is_one_layer_is_logged_as_root() -> None:
+    """A bare nn.Linear (the model itself is the layer) is logged under "root", rows exact."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    cfg = logra.LoGraConfig(k_in=64, k_out=2, dtype="float64", include_bias=True, init="rademacher")
+    with logra.GradientLogger(model, cfg) as logger:
+        with logger.record(ids=list(range(6))) as rec:
+            nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        p_in, p_out = logger.projection("root")
+    assert [(layer.name, layer.k_in, layer.k_out) for layer in logger.layers] == [("root", 6, 2)]
+    for i in range(6):
+        w, b = (t.detach().requires_grad_(True) for t in (model.weight, model.bias))
+        loss = nn.functional.cross_entropy(x[i : i + 1] @ w.T + b, y[i : i + 1], reduction="sum")
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        expected = p_out @ torch.cat([gw, gb[:, None]], dim=1) @ p_in.T  # (k_out, k_in)
+        torch.testing.assert_close(rec.rows[i].reshape(2, 6), expected, rtol=REL, atol=1e-14)
+    assert logra.capture.adapters.layer_module(model, "root") is model
+    with logra.GradientLogger(nn.Sequential(nn.Linear(5, 3)), cfg) as container:
+        assert [layer.name for layer in container.layers] == ["0"]
+
+
 @pytest.mark.parametrize("arch,include_bias", [("mlp", True), ("gpt2", True), ("llama", False)])
 def test_identity_at_full_size_gives_exact_per_example_gradients(arch: str, include_bias: bool) -> None:
     model = build_model(arch)

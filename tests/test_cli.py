@@ -66,9 +66,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_env(tmp_path_factory.mktemp("cli"))
+
+
+def make_env(root: Path) -> dict[str, Path]:
+    """A tiny GPT-2 and BERT config with tokenizers, and the train and query files, under `root`."""
     from transformers import BertConfig, GPT2Config, GPT2LMHeadModel
 
-    root = tmp_path_factory.mktemp("cli")
     n_vocab = len(_vocab())
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(
@@ -398,3 +402,77 @@ def test_installed_entry_point_runs() -> None:
     assert done.returncode == 0 and all(
         c in done.stdout for c in ("log", "fit", "score", "self-influence", "report", "verify")
     )
+
+
+def test_fit_with_the_true_fisher_of_a_classifier(env: dict[str, Path], tmp_path: Path) -> None:
+    """`logra fit --fisher true` reruns the logged model on the logged data: for the classifier head
+    (2 classes, so k_out = 2 is the identity) S is exactly mean_i (diag p_i - p_i p_iᵀ), with p_i
+    from each text alone; the saved preconditioner says fisher 'true'."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from logra.curvature import load_preconditioner
+
+    store_dir = tmp_path / "s"
+    bert = ["--model", str(env["bert"]), "--tokenizer", str(env["bert_tok"]), "--init-seed", "3"]
+    log = ["log", *bert, "--data", str(env["train"]), "--label-field", "label", "--out", str(store_dir)]
+    assert main([*log, "--model-dtype", "float64", "--dtype", "float64", "--k", "3", "--modules", "classifier"]) == 0
+    assert main(["fit", str(store_dir), "--fisher", "true", "--batch-size", "4", "--out", str(tmp_path / "p")]) == 0
+    pre = load_preconditioner(tmp_path / "p")
+    assert pre.fisher.value == "true"
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_config(
+        AutoConfig.from_pretrained(env["bert"]), dtype=torch.float64
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(env["bert_tok"])
+    p = torch.cat([model(input_ids=torch.tensor([tok(t)["input_ids"]])).logits.softmax(-1) for t in TRAIN]).detach()
+    expected = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    f = pre.factors["classifier"]
+    got = f["grad_eigenvectors"] @ torch.diag(f["grad_eigenvalues"]) @ f["grad_eigenvectors"].T
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_fit_with_the_true_fisher_needs_the_logged_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import logra
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with logra.GradientLogger(model, logra.LoGraConfig(k_in=2, k_out=2), store=tmp_path / "s") as logger:
+        with logger.record(ids=[0, 1]):
+            model(torch.randn(2, 3)).sum().backward()
+    assert main(["fit", str(tmp_path / "s"), "--fisher", "true"]) == 2
+    assert "--fisher empirical" in capsys.readouterr().err
+
+
+def test_true_fisher_of_a_regression_head_is_refused() -> None:
+    from logra.errors import ConfigError
+    from logra.losses import likelihood_logits
+
+    head = torch.nn.Linear(4, 1)
+    with pytest.raises(ConfigError, match="'regression'.*empirical Fisher"):
+        likelihood_logits(head, torch.randn(3, 1), torch.randn(3), "sequence_classification")
+
+
+def test_fit_with_the_true_fisher_of_a_causal_lm(env: dict[str, Path], tmp_path: Path) -> None:
+    """A causal LM samples labels per token (mean token loss weights); the fit is the true Fisher's."""
+    from logra.curvature import load_preconditioner
+
+    store_dir = tmp_path / "s"
+    assert _log(env, store_dir) == 0
+    args = ["fit", str(store_dir), "--fisher", "true", "--fisher-samples", "2", "--method", "ekfac"]
+    assert main([*args, "--out", str(tmp_path / "p")]) == 0
+    assert load_preconditioner(tmp_path / "p").fisher.value == "true"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_likelihood_weights_give_back_the_causal_lm_loss(reduction: str) -> None:
+    from logra.losses import causal_lm_loss, likelihood_logits
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 7, (3, 5), generator=gen)
+    labels[0, 3:] = -100
+    labels[2, :] = -100  # no target at all: loss 0
+    head = torch.nn.Linear(2, 2)
+    out, weights = likelihood_logits(head, logits, labels, "causal_lm", reduction)
+    ce = F.cross_entropy(out.reshape(-1, 7), labels[:, 1:].clamp(min=0).reshape(-1), reduction="none")
+    got = (ce.reshape(3, 4) * weights).sum(1)
+    torch.testing.assert_close(got, causal_lm_loss(logits, labels, reduction=reduction), rtol=1e-12, atol=1e-14)

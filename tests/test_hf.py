@@ -244,6 +244,44 @@ def test_sequence_classification_through_the_trainer(tmp_path: Path) -> None:
     assert store.rows()[2].abs().max() == 0
 
 
+def test_true_fisher_through_the_trainer(tmp_path: Path) -> None:
+    """trainer_fisher: the exact expectation over the 3 classes; for the score head (k_out = 3, the
+    identity) S = Σ_i w_i (diag p_i - p_i p_iᵀ) / N with w_i = 0 for the ignored label; .grad untouched."""
+    from datasets import Dataset
+
+    from logra.integrations.hf import trainer_fisher
+
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=VOCAB, pad_token_id=0,
+                        num_labels=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config).double()
+    gen = torch.Generator().manual_seed(4)
+    rows = [{"input_ids": torch.randint(1, VOCAB, (5,), generator=gen).tolist(), "labels": int(i % 3)}
+            for i in range(6)]  # fmt: skip
+    rows[2]["labels"] = -100
+    trainer = Trainer(
+        model=model, args=common.hf_trainer(model, tmp_path / "t").args, train_dataset=Dataset.from_list(rows)
+    )
+    cfg = logra.LoGraConfig(k_in=3, k_out=3, modules=["score"], dtype="float64")
+    fisher = trainer_fisher(trainer, cfg, batch_size=4, method="ekfac")
+    assert fisher.exact and fisher.n_samples == 3 and fisher.n_examples == 6
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        p = torch.cat([model(input_ids=torch.tensor(r["input_ids"])[None]).logits.softmax(-1) for r in rows])
+    curv = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    expected = curv[[0, 1, 3, 4, 5]].sum(0) / 6
+    torch.testing.assert_close(fisher.kronecker["score"].grad_covariance(), expected, rtol=1e-10, atol=1e-13)
+    assert fisher.eigenvalues is not None and fisher.eigenvalues["score"].shape == (3, 3)
+
+    class CustomTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            return model(**inputs).logits.square().sum()
+
+    trainer.__class__ = CustomTrainer
+    with pytest.raises(ConfigError, match="customised.*true Fisher needs"):
+        trainer_fisher(trainer, cfg)
+
+
 def test_ids_from_the_dataset_are_checked(tmp_path: Path) -> None:
     trainer = common.hf_trainer(common.model(), tmp_path / "t", common.hf_dataset())
     duplicated = common.hf_dataset().map(lambda e, i: {"uid": f"x{i // 2}"}, with_indices=True)

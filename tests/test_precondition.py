@@ -14,6 +14,7 @@ from _scoring_fixtures import (  # noqa: F401  (the `gpt2` and `mlp` fixtures)
     _mlp_data,
     _mlp_losses,
     dense_curvature,
+    dense_gram,
     dense_inverse,
     gpt2_fixture,
     log_mlp,
@@ -25,8 +26,8 @@ import logra
 from logra.capture import make_projection
 from logra.config import ProjectionInit
 from logra.curvature import fit_preconditioner, load_preconditioner, sampled_cross_entropy, true_fisher_statistics
-from logra.curvature.moments import EigenbasisMoments, GradientCovariance
-from logra.curvature.precondition import EKFACPreconditioner, full_size_mean_eigenvalue
+from logra.curvature.moments import EigenbasisMoments, GradientCovariance, generalized_eigh
+from logra.curvature.precondition import EKFACPreconditioner, KFACPreconditioner
 from logra.types import LayerInfo
 
 METHODS = ["kfac", "ekfac", "raw"]
@@ -48,14 +49,16 @@ def test_apply_equals_dense_inverse(
 
 @pytest.mark.parametrize("method", METHODS)
 def test_default_damping_is_a_tenth_of_the_mean_eigenvalue(mlp: Logged, method: str) -> None:
-    """kfac/ekfac: of the full-size curvature (gaussian projections keep traces, so its mean is the
-    projected trace over n_out n_in); raw: of the projected curvature."""
+    """Of the curvature in full-size units: the generalized eigenvalues of (H, P Pᵀ), whose mean
+    estimates the full-size mean eigenvalue (gaussian rows have P Pᵀ ≈ (n/k) I)."""
+    from scipy.linalg import eigh
+
     assert mlp.config.init.value == "gaussian"
     pre = fit_preconditioner(mlp.store, method)
     for layer in mlp.store.layers:
-        eigenvalues = torch.linalg.eigvalsh(dense_curvature(method, mlp.store, layer))
-        mean = eigenvalues.mean() if method == "raw" else eigenvalues.sum() / (layer.n_in * layer.n_out)
-        assert pre.damping[layer.name] == pytest.approx(0.1 * float(mean), rel=1e-10)
+        H, M = dense_curvature(method, mlp.store, layer), dense_gram(mlp.store, layer)
+        mean = eigh(H.numpy(), M.numpy(), eigvals_only=True).mean()
+        assert pre.damping[layer.name] == pytest.approx(0.1 * float(mean), rel=1e-9)
 
 
 def _spread_covariance(n: int, seed: int) -> Tensor:
@@ -67,17 +70,20 @@ def _spread_covariance(n: int, seed: int) -> Tensor:
 @pytest.mark.parametrize("init", ["gaussian", "rademacher", "orthogonal"])
 @pytest.mark.parametrize("k", [16, 48])
 def test_full_size_mean_eigenvalue_estimate(init: str, k: int) -> None:
-    """The estimate from projected Kronecker factors lands near the true full-size mean for every k,
-    where the projected mean itself is off by the compression n/k on each side (8x-30x here)."""
+    """The mean eigenvalue in full-size units (of projected Kronecker factors against their
+    projections' Grams) lands near the true full-size mean for every k, where the projected mean
+    itself is off by the compression n/k on each side (8x-30x here)."""
     n_in, n_out = 192, 96
     a, s = _spread_covariance(n_in, 0), _spread_covariance(n_out, 1)
     true_mean = float(torch.trace(a) * torch.trace(s)) / (n_in * n_out)
     p_in = make_projection(ProjectionInit(init), 0, "layer", "in", k, n_in)
     p_out = make_projection(ProjectionInit(init), 0, "layer", "out", k, n_out)
-    projected = torch.outer(torch.linalg.eigvalsh(p_out @ s @ p_out.T), torch.linalg.eigvalsh(p_in @ a @ p_in.T))
+    lam_s, _ = generalized_eigh(p_out @ s @ p_out.T, p_out @ p_out.T)
+    lam_a, _ = generalized_eigh(p_in @ a @ p_in.T, p_in @ p_in.T)
     layer = LayerInfo("layer", "Linear", n_in, n_out, k, k, False, 0)
-    estimate = full_size_mean_eigenvalue(projected, layer, ProjectionInit(init))
+    estimate = KFACPreconditioner.damping_reference(torch.outer(lam_s, lam_a), layer, ProjectionInit(init))
     assert estimate == pytest.approx(true_mean, rel=0.15)
+    projected = torch.outer(torch.linalg.eigvalsh(p_out @ s @ p_out.T), torch.linalg.eigvalsh(p_in @ a @ p_in.T))
     if init != "orthogonal":
         assert float(projected.mean()) > 2 * true_mean
 
@@ -307,3 +313,94 @@ def test_true_fisher_converges_to_its_expectation() -> None:
     got = fisher.kronecker["fc2"].grad_covariance()
     assert fisher.kronecker["fc2"].n_examples == 300 * 12
     torch.testing.assert_close(got, expected, rtol=0.08, atol=0.08 * float(expected.abs().max()))
+
+
+# --------------------------------------------------------------------------------------------
+# Damping in full-size units.
+
+
+def _log_two_layer(root: Path, config: logra.LoGraConfig) -> tuple[logra.GradientStore, Tensor, dict]:
+    """A 7-6-5 MLP on 40 points (+ 3 queries) logged under `config`: (store, query rows, {layer: (P_in, P_out)})."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 5)).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(43, 7, generator=gen, dtype=torch.float64), torch.randint(0, 5, (43,), generator=gen)
+    with logra.GradientLogger(model, config, store=root) as logger:
+        for s in range(0, 40, 8):
+            with logger.record(ids=list(range(s, s + 8))):
+                nn.functional.cross_entropy(model(x[s : s + 8]), y[s : s + 8], reduction="sum").backward()
+    with logra.GradientLogger(model, config) as logger:
+        with logger.record(ids=[0, 1, 2]) as rec:
+            nn.functional.cross_entropy(model(x[40:]), y[40:], reduction="sum").backward()
+        projections = {layer.name: logger.projection(layer.name) for layer in logger.layers}
+    assert rec.rows is not None
+    return logra.GradientStore.open(root), rec.rows, projections
+
+
+@pytest.mark.parametrize("init", ["gaussian", "rademacher", "orthogonal", "pca", "identity"])
+@pytest.mark.parametrize("method", ["kfac", "raw"])
+def test_damping_is_added_to_the_full_size_curvature(tmp_path: Path, init: str, method: str) -> None:
+    """With a projection P, H⁻¹ is (P (C + λI) Pᵀ)⁻¹ for the *full-size* curvature C (kfac: S ⊗ A;
+    raw: the rows' covariance) measured on an exact full-size store, for every init and a
+    {layer: λ} dict; at full size (identity, k = n) it is (C + λI)⁻¹ itself."""
+    exact = logra.LoGraConfig(k_in=64, k_out=64, init="identity", dtype="float64")
+    full, full_queries, _ = _log_two_layer(tmp_path / "full", exact)
+    pca = str(tmp_path / "full") if init == "pca" else None
+    config = logra.LoGraConfig(k_in=3, k_out=4, init=init, seed=2, dtype="float64", pca_statistics=pca)
+    store, queries, projections = _log_two_layer(tmp_path / "projected", config)
+    damping = {"0": 0.03, "2": 0.2}
+    got = fit_preconditioner(store, method, damping=damping).apply(queries)
+    at_full_size = fit_preconditioner(full, method, damping=damping).apply(full_queries)
+    stats = full.statistics()
+    for layer, full_layer in zip(store.layers, full.layers):
+        p_in, p_out = projections[layer.name]
+        P = torch.kron(p_out, p_in)  # (k_out k_in, n_out n_in), row-major vec order
+        if method == "kfac":
+            s = stats[layer.name]
+            C = torch.kron(s.grad_sum / s.n_examples, s.input_sum / s.n_tokens)
+        else:
+            rows = full.layer_rows(layer.name)
+            C = rows.T @ rows / rows.shape[0]
+        eye = torch.eye(C.shape[0], dtype=torch.float64)
+        H = P @ (C + damping[layer.name] * eye) @ P.T
+        block = slice(layer.offset, layer.offset + layer.size)
+        torch.testing.assert_close(
+            store.layer_rows(layer.name), full.layer_rows(layer.name) @ P.T, rtol=1e-10, atol=1e-12
+        )
+        # pinv: two rademacher rows of a narrow layer can be equal; then P Pᵀ is singular, and logra
+        # inverts on the projected gradients' span (which that null space does not meet)
+        h_inv = torch.linalg.pinv(H, rtol=1e-10, hermitian=True)
+        torch.testing.assert_close(got[:, block], queries[:, block] @ h_inv, rtol=1e-8, atol=1e-10)
+        full_block = slice(full_layer.offset, full_layer.offset + full_layer.size)
+        expected = torch.linalg.solve(C + damping[layer.name] * eye, full_queries[:, full_block].T).T
+        torch.testing.assert_close(at_full_size[:, full_block], expected, rtol=1e-9, atol=1e-11)
+
+
+def test_true_fisher_from_logits_samples_per_token_labels() -> None:
+    """logits_fn with (B, T, C) logits: labels='auto' samples (per-token labels are not a sum over
+    classes), exactly like loss_fn with sampled_cross_entropy and the same seed."""
+    model, config, batches = _fisher_setup()
+    options = {"batch_size_fn": lambda b: b[0].shape[0], "mask_fn": lambda b: b[1], "num_samples": 2, "seed": 3}
+    by_logits = true_fisher_statistics(model, config, batches, logits_fn=lambda m, b: (m(b[0]), b[1]), **options)
+    by_loss = true_fisher_statistics(
+        model, config, batches, lambda m, b, g: sampled_cross_entropy(m(b[0]), g, b[1]), **options
+    )
+    assert not by_logits.exact and by_logits.n_samples == 2
+    for name, s in by_loss.kronecker.items():
+        assert torch.equal(by_logits.kronecker[name].grad_sum, s.grad_sum)
+
+
+def test_true_fisher_bad_input_says_what_to_pass() -> None:
+    model, config, batches = _fisher_setup()
+    size = {"batch_size_fn": lambda b: b[0].shape[0], "mask_fn": lambda b: b[1]}
+    with pytest.raises(logra.ConfigError, match="categorical likelihood.*loss_fn.*empirical Fisher"):
+        losses = lambda m, b: _mlp_losses(m, b[0], torch.zeros(b[1].shape, dtype=torch.long), b[1])  # noqa: E731
+        true_fisher_statistics(model, config, batches, logits_fn=losses, **size)
+    with pytest.raises(logra.ConfigError, match="categorical likelihood"):
+        true_fisher_statistics(model, config, batches, logits_fn=lambda m, b: m(b[0])[..., :1], **size)
+    with pytest.raises(logra.ConfigError, match="labels='sampled'"):
+        true_fisher_statistics(model, config, batches, logits_fn=lambda m, b: m(b[0]), labels="exact", **size)
+    with pytest.raises(logra.ConfigError, match="exactly one of loss_fn"):
+        true_fisher_statistics(model, config, batches, **size)
+    with pytest.raises(logra.ConfigError, match="'bayes' is not one of"):
+        true_fisher_statistics(model, config, batches, logits_fn=lambda m, b: m(b[0]), labels="bayes", **size)

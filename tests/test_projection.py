@@ -23,7 +23,7 @@ from logra.errors import ConfigError
 
 DRAWN = [ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER, ProjectionInit.ORTHOGONAL]
 CASES = [(init, seed, name, side, k, n) for init in DRAWN for seed in (0, 3) for name in ("fc1", "h.0.mlp.c_fc")
-         for side in ("in", "out") for k, n in ((4, 9), (16, 16))]  # fmt: skip
+         for side in ("in", "out") for k, n in ((4, 9), (12, 16))]  # fmt: skip
 
 
 def _digest(p: torch.Tensor) -> str:
@@ -37,6 +37,17 @@ def test_shape_dtype_and_repeatability(init: ProjectionInit, k: int, n: int) -> 
     assert p.shape == (k, n) and p.dtype == torch.float64 and p.device.type == "cpu" and p.is_contiguous()
     assert torch.equal(p, make_projection(init, 0, "layer", "in", k, n))
     assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("init", list(ProjectionInit)[:4])
+def test_a_side_with_k_equal_to_its_width_is_the_identity(init: ProjectionInit) -> None:
+    """k clipped to the width: exact, whatever the init (a square gaussian would distort damping)."""
+    for n in (1, 7, 16):
+        assert torch.equal(make_projection(init, 3, "fc1", "in", n, n), torch.eye(n, dtype=torch.float64))
+    factor = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    assert torch.equal(
+        make_projection(ProjectionInit.PCA, 0, "x", "in", 5, 5, factor), torch.eye(5, dtype=torch.float64)
+    )
 
 
 def test_every_identity_part_changes_the_matrix() -> None:

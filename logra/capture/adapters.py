@@ -4,6 +4,8 @@ A supported layer type is one `LayerAdapter` subclass: how to recognise the modu
 (n_in, n_out) widths and, for references, its weight gradient. Subclasses register themselves,
 so adding a type is one new class. `select_layers` picks the supported modules whose qualified
 names match `LoGraConfig.modules` (fnmatch patterns) and not `exclude`, in `named_modules` order.
+A model that is itself a supported layer (a bare `nn.Linear`) is logged under the name
+`ROOT_LAYER` ("root"); `layer_module` finds a logged layer's module by name either way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from logra.errors import CaptureError
+
+ROOT_LAYER = "root"
+"""The layer name of a model that is itself a supported layer (its `named_modules` name is "")."""
 
 # --------------------------------------------------------------------------------------------
 # Adapters: which modules can be logged, and their (n_in, n_out) widths.
@@ -104,6 +109,13 @@ def layer_weight(module: nn.Module) -> Tensor:
     return weight
 
 
+def layer_module(model: nn.Module, name: str) -> nn.Module:
+    """The module of the logged layer `name` in `model` (`ROOT_LAYER` is the model itself)."""
+    if name == ROOT_LAYER and adapter_for(model) is not None:
+        return model
+    return model.get_submodule(name)
+
+
 def adapter_for(module: nn.Module) -> type[LayerAdapter] | None:
     for adapter in LayerAdapter.registry:
         if adapter.matches(module):
@@ -127,11 +139,11 @@ def select_layers(
     supported: list[tuple[str, nn.Module, type[LayerAdapter]]] = []
     unsupported: dict[str, str] = {}
     for name, module in model.named_modules():
-        if not name:
-            continue
         adapter = adapter_for(module)
+        if not name and adapter is None:
+            continue  # a container root: its layers are its submodules
         if adapter is not None:
-            supported.append((name, module, adapter))
+            supported.append((name or ROOT_LAYER, module, adapter))
         elif any(True for _ in module.parameters(recurse=False)):
             unsupported[name] = type(module).__name__
     kinds = ", ".join(a.kind for a in LayerAdapter.registry)

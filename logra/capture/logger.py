@@ -8,7 +8,9 @@
 Inside `record()` the user runs their own forward and backward. The loss to backpropagate is the
 *sum* of per-example losses (or their mean over the batch with `loss_reduction="mean"`); each
 logged row is then the projected gradient of that example's own loss. Without a store the logger
-computes rows in memory (queries): `rec = ...; with logger.record(ids) as rec: ...; rec.rows`.
+computes rows in memory (queries): `with logger.record(ids) as rec: ...`. The `Record` carries the
+config, layer table and model fingerprint its rows were logged with, so pass the record itself (or
+a `QueryRows` of several) to the `Scorer`, which checks them against the store.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from logra.capture.adapters import LayerAdapter, layer_weight, select_layers
 from logra.capture.hooks import LayerCapture, per_example_gradients
 from logra.capture.projection import SHARED_INPUT, make_projection
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit
-from logra.errors import CaptureError, ConfigError, NonFiniteGradientError, StoreError
+from logra.errors import CaptureError, ConfigError, DuplicateIdError, NonFiniteGradientError, StoreError
 from logra.store.reader import GradientStore
 from logra.store.writer import StoreWriter
 from logra.types import ExampleId, IdsLike, KroneckerStatistics, LayerInfo, normalize_ids, outer
@@ -44,11 +47,53 @@ class Record:
     ids: the ids whose rows were kept.  rows: (len(ids), D) projected per-example gradients in
     the compute dtype (float32 for half-precision models), on the model's device.
     skipped: ids dropped for NaN/Inf under `nonfinite="skip"`.
+    config, model_fingerprint, layers: what the rows were logged with (the Scorer checks them).
     """
 
     ids: list[ExampleId]
     rows: Tensor | None = None
     skipped: list[ExampleId] = field(default_factory=list)
+    config: LoGraConfig | None = None
+    model_fingerprint: str | None = None
+    layers: tuple[LayerInfo, ...] | None = None
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """Query rows with their provenance: ids (Q), rows (Q, D), and the config, model fingerprint
+    and layer table they were logged with. Ids must be unique. Build one from records with
+    `QueryRows.of(records)`; `integrations.hf.trainer_rows` returns one."""
+
+    ids: list[ExampleId]
+    rows: Tensor
+    config: LoGraConfig
+    model_fingerprint: str
+    layers: tuple[LayerInfo, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rows, Tensor) or self.rows.dim() != 2 or self.rows.shape[0] != len(self.ids):
+            shape = tuple(self.rows.shape) if isinstance(self.rows, Tensor) else type(self.rows).__name__
+            raise ConfigError(f"QueryRows needs (Q={len(self.ids)}, D) rows, one per id; got {shape}.")
+        seen: set[ExampleId] = set()
+        twice = [i for i in self.ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+        if twice:
+            raise DuplicateIdError(f"query ids {twice[:10]} appear more than once; give every query its own id.")
+
+    @classmethod
+    def of(cls, records: list[Record]) -> QueryRows:
+        """The rows of several `Record`s of one logger, in order (float64 on the CPU)."""
+        first = records[0] if records else Record([])
+        if first.config is None or first.model_fingerprint is None:
+            raise ConfigError("QueryRows.of needs at least one Record filled by GradientLogger.record.")
+        rows = [r.rows.detach().to("cpu", torch.float64) for r in records if r.rows is not None]
+        dim = sum(x.size for x in first.layers or ())
+        return cls(
+            [i for r in records for i in r.ids],
+            torch.cat(rows) if rows else torch.zeros(0, dim, dtype=torch.float64),
+            first.config,
+            first.model_fingerprint,  # checked above
+            tuple(first.layers or ()),
+        )
 
 
 class _Batch:
@@ -130,6 +175,13 @@ class GradientLogger:
         self._writing = False  # True while a batch updates statistics and store; stays True if that fails
         self._track_statistics = statistics
         selected = select_layers(model, self.config.modules, self.config.exclude)
+        on_meta = [name for name, module, _ in selected if layer_weight(module).device.type == "meta"]
+        if on_meta:
+            raise CaptureError(
+                f"layers {on_meta[:5]} have weights on the meta device (not materialised), so they cannot be "
+                "logged; load the weights first (e.g. from_pretrained without device_map='meta', or "
+                "model.to_empty(device='cpu') followed by load_state_dict)."
+            )
         try:
             # Projections are redrawn from their seed when needed: no float64 copy is held (they can be
             # hundreds of MB for a large model); kept after close() for `projection()`.
@@ -227,7 +279,9 @@ class GradientLogger:
                     f"mask has values other than 0 and 1 (dtype {mask.dtype}); it selects tokens, it does not weight "
                     "them. Pass a 0/1 or bool mask (e.g. the attention mask) and weight the loss instead."
                 )
-        record = Record(id_list)
+        record = Record(
+            id_list, config=self.config, model_fingerprint=self.model_fingerprint, layers=tuple(self.layers)
+        )
         frozen = [] if param_grads else [p for p in self.model.parameters() if p.requires_grad]
         self._batch = _Batch(id_list, mask)
         try:
@@ -299,6 +353,16 @@ class GradientLogger:
         kept_ids = [i for i, b in zip(record.ids, bad.tolist()) if not b]
         if skipped:
             rows = rows[keep]
+        zero = (rows == 0).all(dim=1)
+        if bool(zero.any()):
+            ids = [i for i, z in zip(kept_ids, zero.tolist()) if z]
+            warnings.warn(
+                f"the rows of examples {ids[:10]}{' ...' if len(ids) > 10 else ''} are all zero: no gradient reached "
+                "the logged layers (e.g. a one-token text, a prompt that fills max_length, or a mask of zeros), so "
+                "they get score 0 against everything. Check their targets and masks.",
+                UserWarning,
+                stacklevel=4,
+            )
         self._writing = True  # statistics and pending rows change together, or the logger refuses to go on
         if self._track_statistics and kept_ids:
             outers: dict[int, Tensor] = {}  # id(x̃) -> x̃ᵀx̃, for layers that read one projected input
@@ -385,6 +449,27 @@ def _draw_projections(
     p_in = make_projection(config.init, config.seed, in_name, "in", info.k_in, info.n_in, f_in)
     p_out = make_projection(config.init, config.seed, info.name, "out", info.k_out, info.n_out, f_out)
     return p_in, p_out
+
+
+def projection_grams(
+    config: LoGraConfig, layers: list[LayerInfo] | tuple[LayerInfo, ...]
+) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    """{layer: (P_out P_outᵀ (k_out, k_out), P_in P_inᵀ (k_in, k_in))}, float64 CPU.
+
+    A side is None where its Gram is the identity: orthogonal, identity and pca projections have
+    orthonormal rows, and a side with k equal to its width is the identity. Damping in full-size
+    units adds λ P Pᵀ to a projected curvature (`logra.curvature.precondition`).
+    """
+    if config.init not in (ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER):
+        return {layer.name: (None, None) for layer in layers}
+    grams: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    for info in layers:
+        p_in, p_out = _draw_projections(config, info, None, None)
+        grams[info.name] = (
+            p_out @ p_out.T if info.k_out < info.n_out else None,
+            p_in @ p_in.T if info.k_in < info.n_in else None,
+        )
+    return grams
 
 
 def _pca_factors(config: LoGraConfig) -> dict[str, tuple[Tensor, Tensor]]:

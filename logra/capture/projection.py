@@ -6,6 +6,11 @@ P_out (k_out, n_out). They are drawn on the CPU in float64 from a generator seed
 bit-identical matrices without exchanging them. With `LoGraConfig.share_input_projection` (the
 default), P_in is drawn under the name `SHARED_INPUT` instead of the layer's, so layers of one
 input width share it.
+
+A side whose k equals its width n (k is clipped to the width, so this is every k >= n) is the
+identity for every init: it is exact and distorts nothing. A square gaussian or rademacher matrix
+would be invertible but badly conditioned, so damping added in its basis would act on a distorted
+curvature; a square orthogonal or pca matrix is a rotation, which the identity is equivalent to.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def make_projection(
     Args:
         init: the distribution.
         seed, name, side: identify the matrix; `side` is "in" or "out".
-        k, n: the matrix is (k, n): it maps a width-n vector to k numbers. Requires k <= n.
+        k, n: the matrix is (k, n): it maps a width-n vector to k numbers. Requires k <= n; at
+            k = n the identity, whatever the init (module docstring).
         factor: for init=pca only, the (n, n) covariance whose top-k eigenvectors become the rows.
 
     Returns:
@@ -51,6 +57,8 @@ def make_projection(
     """
     if not 1 <= k <= n:
         raise ConfigError(f"projection {name!r}/{side}: k={k} must be between 1 and the layer width n={n}.")
+    if k == n:
+        return torch.eye(n, dtype=torch.float64)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(projection_seed(seed, name, side, k, n))
     if init is ProjectionInit.GAUSSIAN:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,21 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from logra.capture.logger import GradientLogger
-from logra.errors import ConfigError, LograError
+from logra.errors import ConfigError, LograError, StoreCorruptedError
 from logra.losses import IGNORE_INDEX, Task, TokenReduction, detect_task, per_example_losses
-from logra.store.files import write_atomic
+from logra.store.files import json_checksum, no_space, read_regular, write_atomic
 from logra.types import ExampleId, parse_enum
 
 SETTINGS_FILE = "logra-cli.json"
+DEFAULT_MAX_LENGTH = 512
+SETTINGS_VERSION = 2  # 2: signed (sha256 of the canonical JSON), every field type-checked
+_OPTIONAL = (str, type(None))
+_FIELD_TYPES: dict[str, Any] = {
+    "model": str, "tokenizer": _OPTIONAL, "task": _OPTIONAL, "model_dtype": str, "init_seed": int,
+    "max_length": int, "token_reduction": str, "text_field": str, "prompt_field": _OPTIONAL,
+    "label_field": _OPTIONAL, "id_field": _OPTIONAL, "extra": dict,
+}  # fmt: skip
+_EXTRA_TYPES: dict[str, Any] = {"data": str, "split": _OPTIONAL, "limit": (int, type(None))}
 MODEL_DTYPES = {
     "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
 }  # fmt: skip
@@ -44,14 +53,18 @@ class InputError(LograError, ValueError):
 @dataclass
 class ModelSettings:
     """How to build the model and turn texts into losses; saved beside a store as `logra-cli.json`
-    so that `logra score` encodes queries exactly as `logra log` encoded the training data."""
+    so that `logra score` encodes queries exactly as `logra log` encoded the training data.
+
+    The file decides scores (max_length, fields, reduction), so it is signed with the SHA-256 of
+    its canonical JSON and every field is type-checked on load: an edited or damaged file raises
+    `StoreCorruptedError` naming it (also from `logra verify`)."""
 
     model: str
     tokenizer: str | None = None
     task: str | None = None  # None: from the model's architecture
     model_dtype: str = "float32"
     init_seed: int = 0  # seeds the weights of a model built from a config.json
-    max_length: int = 512
+    max_length: int | None = None  # None: DEFAULT_MAX_LENGTH, or the model's positions when fewer
     token_reduction: str = TokenReduction.MEAN.value
     text_field: str = "text"
     prompt_field: str | None = None
@@ -60,17 +73,57 @@ class ModelSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
-        write_atomic(directory / SETTINGS_FILE, json.dumps(asdict(self), indent=1).encode())
+        """Write `directory/logra-cli.json` durably; a full disk raises StoreError naming it."""
+        body: dict[str, Any] = {"format_version": SETTINGS_VERSION, **asdict(self)}
+        body["sha256"] = json_checksum(body, "sha256")
+        data = json.dumps(body, indent=1).encode()
+        try:
+            write_atomic(directory / SETTINGS_FILE, data)
+        except OSError as exc:
+            if isinstance(exc, LograError):
+                raise
+            raise no_space(directory / SETTINGS_FILE, len(data), exc) from None
 
     @classmethod
     def load(cls, directory: Path) -> ModelSettings | None:
+        """The settings saved in `directory`, checked; None when there are none."""
         path = directory / SETTINGS_FILE
-        if not path.is_file():
+        if not path.exists():
             return None
         try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path}: unreadable command-line settings ({exc}); delete it and pass --model.") from None
+            raw = json.loads(read_regular(path, 2**24, "the command-line settings").decode("utf-8"))
+            return cls(**_checked_settings(raw))
+        except StoreCorruptedError:
+            raise
+        except Exception as exc:  # a parse boundary: any defect of the file is reported as one
+            raise StoreCorruptedError(
+                f"{path}: not valid command-line settings ({type(exc).__name__}: {str(exc)[:300]}); restore it, or "
+                "log the store again with `logra log`."
+            ) from None
+
+
+def _checked_settings(raw: Any) -> dict[str, Any]:
+    """The fields of a decoded logra-cli.json, after its signature and every type is checked."""
+    if not isinstance(raw, dict) or raw.get("format_version") != SETTINGS_VERSION:
+        raise ValueError(f"not a settings file of version {SETTINGS_VERSION}")
+    names = {f.name for f in fields(ModelSettings)}
+    if set(raw) != names | {"format_version", "sha256"}:
+        raise ValueError(f"fields {sorted(str(k)[:40] for k in raw)[:14]} are not {sorted(names)}")
+    if raw["sha256"] != json_checksum(raw, "sha256"):
+        raise ValueError("its sha256 does not match the content: the file was edited or damaged")
+    body = {k: v for k, v in raw.items() if k in names}
+    if not isinstance(body["extra"], dict):
+        raise ValueError("field 'extra' is not an object")
+    for table, values in ((_FIELD_TYPES, body), (_EXTRA_TYPES, body["extra"])):
+        for key, value in values.items():
+            kind = table.get(key)
+            if kind is None or isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"field {str(key)[:40]!r}={str(value)[:40]!r} has the wrong type")
+    if not 2 <= raw["max_length"] <= 2**31 or not 0 <= raw["init_seed"] < 2**63:
+        raise ValueError(f"max_length {raw['max_length']} or init_seed {raw['init_seed']} is out of range")
+    if raw["extra"].get("limit") is not None and not 0 <= raw["extra"]["limit"] <= 2**53:
+        raise ValueError("the recorded limit is out of range")
+    return body
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,13 +177,31 @@ def load_model(settings: ModelSettings) -> tuple[nn.Module, Any, Task]:
         else:
             model = auto.from_pretrained(source, dtype=dtype, **kwargs)
         tokenizer = _load_tokenizer(transformers, tok_source or str(source), kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
-        if isinstance(exc, LograError):
-            raise
+    except LograError:
+        raise
+    except Exception as exc:  # transformers raises many types (OSError, UnpicklingError, RuntimeError, ...)
         raise InputError(f"cannot load the model {settings.model!r}: {type(exc).__name__}: {exc}") from None
+    positions = _positions(model)
+    if settings.max_length is None:
+        settings.max_length = min(DEFAULT_MAX_LENGTH, positions or DEFAULT_MAX_LENGTH)
+    elif positions is not None and settings.max_length > positions:
+        raise InputError(
+            f"--max-length {settings.max_length} exceeds the {positions} positions of the model {settings.model!r}; "
+            f"pass --max-length {positions} or less."
+        )
     model.eval()
     model.requires_grad_(False)  # logging needs activation gradients only: backward skips weight gradients
     return model, tokenizer, task
+
+
+def _positions(model: nn.Module) -> int | None:
+    """The number of positions a model with learned position embeddings has, or None."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _load_tokenizer(transformers: Any, source: str, kwargs: dict[str, Any]) -> Any:
@@ -156,6 +227,8 @@ def load_records(
     """The dataset at `path` as dicts with keys id, text and (when configured) prompt, label."""
     import datasets
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise InputError(f"--limit {limit!r} must be a count >= 0.")
     p = Path(path)
     loaders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     try:
@@ -166,11 +239,11 @@ def load_records(
         else:
             raise InputError(
                 f"dataset {path!r} is not a .jsonl/.json/.csv/.parquet file or a save_to_disk folder "
-                f"({'it does not exist' if not p.exists() else 'unsupported suffix'})."
+                f"({_why_not_data(p, loaders)})."
             )
-    except (OSError, ValueError, FileNotFoundError) as exc:
-        if isinstance(exc, LograError):
-            raise
+    except LograError:
+        raise
+    except Exception as exc:  # datasets raises its own types (DatasetGenerationError, ...) and StopIteration
         raise InputError(f"cannot read the dataset {path!r}: {type(exc).__name__}: {exc}") from None
     if isinstance(data, datasets.DatasetDict):
         if split is None or split not in data:
@@ -189,15 +262,42 @@ def load_records(
     n = len(data) if limit is None else min(limit, len(data))
     if n == 0:
         raise InputError(f"the dataset {path} has no rows{' (--limit 0)' if limit == 0 else ''}.")
-    table = data.select(range(n)).to_dict()
+    try:
+        table = data.select(range(n)).to_dict()
+    except Exception as exc:
+        raise InputError(f"cannot read the rows of {path!r}: {type(exc).__name__}: {exc}") from None
     records = []
+    seen: set[Any] = set()
     for i in range(n):
         rec = {role: table[name][i] for role, name in wanted.items() if name is not None}
         rec.setdefault("id", i)
         if not isinstance(rec["text"], str) or ("prompt" in rec and not isinstance(rec["prompt"], str)):
             raise InputError(f"row {i} of {path}: field {settings.text_field!r} (and any prompt) must be text.")
+        _check_id(rec["id"], i, path)
+        if rec["id"] in seen:
+            raise InputError(f"row {i} of {path}: id {rec['id']!r} appears twice; every example needs its own id.")
+        seen.add(rec["id"])
         records.append(rec)
     return records
+
+
+def _why_not_data(p: Path, loaders: dict[str, str]) -> str:
+    if not p.exists():
+        return "it does not exist"
+    return "unsupported suffix" if p.suffix not in loaders else "it is not a regular file"
+
+
+def _check_id(value: Any, row: int, path: str) -> None:
+    """An example id is an int or a str that UTF-8 can encode (no lone surrogates)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(
+            f"row {row} of {path}: the id {str(value)[:80]!r} is a {type(value).__name__}; ids must be ints or strings."
+        )
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"row {row} of {path}: the id {value[:80]!r} is not valid Unicode text.") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,10 +315,14 @@ class Encoded:
 
 
 def encode(
-    records: Sequence[dict[str, Any]], tokenizer: Any, task: Task, max_length: int, label2id: dict[str, int] | None
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    task: Task,
+    max_length: int | None,
+    label2id: dict[str, int] | None,
 ) -> Encoded:
     """Tokenise `records`, truncated to `max_length` tokens (prompt tokens are not LM targets)."""
-    if max_length < 2:
+    if max_length is None or max_length < 2:
         raise InputError(f"--max-length {max_length} must be at least 2 tokens.")
     ids, tokens, targets = [], [], []
     for rec in records:

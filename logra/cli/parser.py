@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 from logra.cli.commands import cmd_fit, cmd_log, cmd_report, cmd_score, cmd_self_influence, cmd_verify
 from logra.cli.inputs import MODEL_DTYPES
 from logra.config import NonFinitePolicy, ProjectionInit, StorageDtype
+from logra.curvature.fisher import EXACT_FISHER_MAX_CLASSES
+from logra.curvature.moments import FisherKind
 from logra.curvature.precondition import PreconditionerMethod
 from logra.losses import Task, TokenReduction
 from logra.score import Normalization
@@ -17,6 +20,29 @@ DAMPING_HELP = "λ (default: 0.1 x a mean eigenvalue of each layer's curvature; 
 
 # --------------------------------------------------------------------------------------------
 # Parser.
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (status 2), like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def count(text: str) -> int:
+    """An argparse type: an int >= 0 (a count or a limit)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give a count >= 0")
+    return value
+
+
+def positive(text: str) -> int:
+    """An argparse type: an int >= 1 (a size)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive int")
+    return value
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,9 +70,11 @@ def _model_options(p: argparse.ArgumentParser, required: bool) -> None:
         default=None if not required else "float32",
         help="dtype the model runs in",
     )
-    g.add_argument("--init-seed", type=int, help="seed of the weights of a model built from a config.json")
+    g.add_argument("--init-seed", type=count, help="seed of the weights of a model built from a config.json")
     g.add_argument(
-        "--max-length", type=int, default=None if not required else 512, help="tokens per example (truncated)"
+        "--max-length",
+        type=positive,
+        help="tokens per example, truncated (default: 512, or the model's positions when fewer)",
     )
     g.add_argument(
         "--token-reduction",
@@ -59,8 +87,10 @@ def _model_options(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--label-field", help="classification: the label column")
     g.add_argument("--id-field", help="the example id column (default: the row number)")
     g.add_argument("--split", help="the split of a DatasetDict folder")
-    g.add_argument("--limit", type=int, help="use only the first N examples")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward (does not change results)")
+    g.add_argument("--limit", type=count, help="use only the first N examples")
+    g.add_argument(
+        "--batch-size", type=positive, default=8, help="examples per forward/backward (does not change results)"
+    )
 
 
 def _precondition_options(p: argparse.ArgumentParser) -> None:
@@ -75,7 +105,7 @@ def _precondition_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="logra", description="LoGra influence functions: which training examples made the model say what it said."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -90,9 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--modules", nargs="+", help="fnmatch patterns of layer names, e.g. '*mlp*' (default: every Linear/Conv1D)"
     )
     g.add_argument("--exclude", nargs="+", help="patterns of layers to leave out, e.g. lm_head")
-    g.add_argument("--k", type=int, default=64, help="projection size k_in = k_out")
-    g.add_argument("--k-in", type=int, help="input-side projection size (overrides --k)")
-    g.add_argument("--k-out", type=int, help="output-side projection size (overrides --k)")
+    g.add_argument("--k", type=positive, default=64, help="projection size k_in = k_out")
+    g.add_argument("--k-in", type=positive, help="input-side projection size (overrides --k)")
+    g.add_argument("--k-out", type=positive, help="output-side projection size (overrides --k)")
+    g.add_argument(
+        "--budget",
+        action="store_true",
+        help="share the row width of uniform --k across layers, each side sized from its curvature in a "
+        "statistics-only probe pass (logra.capture.budget.allocate_k)",
+    )
+    g.add_argument(
+        "--probe-examples", type=positive, default=256, help="with --budget: the first N examples form the probe"
+    )
     g.add_argument("--init", default=ProjectionInit.GAUSSIAN.value, choices=enum_values(ProjectionInit))
     g.add_argument(
         "--pca-statistics", help="for --init pca: a store logged with --init identity at full size (its factors)"
@@ -105,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--nonfinite", default=NonFinitePolicy.RAISE.value, choices=enum_values(NonFinitePolicy), help="on NaN/Inf"
     )
-    g.add_argument("--shard-rows", type=int, help="rows per shard (default: 256 MiB shards)")
+    g.add_argument("--shard-rows", type=positive, help="rows per shard (default: 256 MiB shards)")
     g.add_argument("--no-statistics", action="store_true", help="do not accumulate KFAC statistics")
     g.add_argument("--resume", action="store_true", help="continue a store, skipping the examples it holds")
     p.set_defaults(func=cmd_log)
@@ -117,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--damping", type=float, help=DAMPING_HELP)
     p.add_argument("--out", help="output directory (default: STORE/preconditioner-METHOD)")
+    p.add_argument(
+        "--fisher",
+        choices=[FisherKind.EMPIRICAL.value, FisherKind.TRUE.value],
+        default=FisherKind.EMPIRICAL.value,
+        help="curvature of the logged labels (empirical) or of labels from the model (true: reruns the model on "
+        "the training data named in STORE/logra-cli.json; exact over the classes of a classifier with at most "
+        f"{EXACT_FISHER_MAX_CLASSES}, sampled per token for a causal LM)",
+    )
+    p.add_argument("--fisher-samples", type=positive, default=1, help="--fisher true: label draws per example")
+    p.add_argument("--batch-size", type=positive, default=8, help="--fisher true: examples per forward/backward")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser(
@@ -126,14 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", required=True, help="a dataset of queries, read like `log --data`")
     p.add_argument("--out", help="top-k table: .csv, .jsonl or .parquet")
     p.add_argument("--matrix", help="all scores [Q, N] as .npy (ids in FILE.json)")
-    p.add_argument("--top-k", type=int, default=10, help="helpful and harmful examples per query in --out")
+    p.add_argument("--top-k", type=positive, default=10, help="helpful and harmful examples per query in --out")
     p.add_argument(
         "--normalization",
         choices=enum_values(Normalization),
         default=Normalization.DOT.value,
         help="dot: g_qᵀH⁻¹g_i; cosine: both normalised; relative: by the training example's norm",
     )
-    p.add_argument("--chunk-rows", type=int, default=4096, help="training rows per matmul")
+    p.add_argument("--chunk-rows", type=positive, default=4096, help="training rows per matmul")
     _model_options(p, required=False)
     _precondition_options(p)
     p.set_defaults(func=cmd_score)
@@ -141,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("self-influence", help="g_iᵀ H⁻¹ g_i of every training example", formatter_class=fmt)
     p.add_argument("--store", required=True, help="the training store (from `logra log`)")
     p.add_argument("--out", required=True, help=".csv, .jsonl, .parquet or .npy")
-    p.add_argument("--show", type=int, default=10, help="print the N largest")
+    p.add_argument("--show", type=count, default=10, help="print the N largest")
     _precondition_options(p)
     p.set_defaults(func=cmd_self_influence)
 
@@ -153,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="default: the store the scores were computed on")
     p.add_argument("--data", help="the training texts (default: the dataset the store was logged from)")
     p.add_argument("--queries", help="default: the query file that was scored")
-    p.add_argument("--top-k", type=int, default=5, help="helpful and harmful documents per query in the page")
-    p.add_argument("--show", type=int, default=3, help="documents per query in the printed summary")
+    p.add_argument("--top-k", type=positive, default=5, help="helpful and harmful documents per query in the page")
+    p.add_argument("--show", type=count, default=3, help="documents per query in the printed summary")
     p.add_argument("--title", default="logra influence report")
     p.set_defaults(func=cmd_report)
 

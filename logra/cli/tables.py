@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from logra.errors import ConfigError
-from logra.store.files import write_durable
+from logra.errors import ConfigError, LograError
+from logra.store.files import no_space, write_durable
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
@@ -17,10 +17,30 @@ TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 def write_table(path: Path, columns: dict[str, list[Any]]) -> None:
     """Write equal-length columns as CSV, JSONL or parquet, chosen by the suffix of `path`.
 
-    The file appears whole or not at all (`logra.store.files.write_durable`).
+    The file appears whole or not at all (`logra.store.files.write_durable`). Text that UTF-8
+    cannot encode (a lone surrogate) raises ConfigError naming it; a full disk raises StoreError.
     """
     if path.suffix not in TABLE_SUFFIXES:
         raise ConfigError(f"output {path} must end in one of {', '.join(TABLE_SUFFIXES)}.")
+    for name, values in columns.items():
+        for v in values:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ConfigError(
+                        f"column {name!r} of {path} holds {v[:80]!r}, which is not valid Unicode (a lone "
+                        "surrogate); fix that id in the dataset."
+                    ) from None
+    try:
+        _write(path, columns)
+    except OSError as exc:
+        if isinstance(exc, LograError):
+            raise
+        raise no_space(path, None, exc) from None
+
+
+def _write(path: Path, columns: dict[str, list[Any]]) -> None:
     if path.suffix == ".parquet":
         try:
             import pyarrow as pa

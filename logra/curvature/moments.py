@@ -25,16 +25,46 @@ from logra.errors import ConfigError, StoreError
 from logra.store.reader import GradientStore
 from logra.types import KroneckerStatistics, LayerInfo
 
+Grams = Mapping[str, tuple[Tensor | None, Tensor | None]]
+"""{layer: (P_out P_outᵀ, P_in P_inᵀ)}, None for a side whose Gram is the identity (`projection_grams`)."""
+
+
+def generalized_eigh(c: Tensor, gram: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(λ, B) with C B = M B diag(λ) and Bᵀ M B = I, float64; M = `gram`, None for the identity.
+
+    C (k, k) is a projected curvature P C_full Pᵀ and M = P Pᵀ; then C + λ_d M = P (C_full + λ_d I) Pᵀ
+    has the inverse B diag(1 / (λ + λ_d)) Bᵀ. With M = I, B is C's orthonormal eigenbasis. Computed
+    by whitening: M = V diag(μ) Vᵀ, W = V diag(μ^-1/2), eigh of Wᵀ C W = U Λ Uᵀ, B = W U. A
+    rank-deficient projection (two equal rademacher rows of a narrow layer) has M singular; its
+    null space holds no projected gradient (uᵀ P g = 0 when Pᵀ u = 0), so B gets a zero column with
+    λ = 0 there, and the inverse is the pseudo-inverse on the projected gradients' span.
+    Eigenvalues are clamped at 0 (roundoff).
+    """
+    c = c.to(torch.float64)
+    if gram is None:
+        lam, vecs = torch.linalg.eigh(c)
+        return lam.clamp_min(0.0), vecs
+    mu, v = torch.linalg.eigh(gram.to(torch.float64))
+    kept = mu > 1e-10 * float(mu.max())
+    w = v[:, kept] / mu[kept].sqrt()  # (k, r)
+    white = w.T @ c @ w
+    lam, u = torch.linalg.eigh((white + white.T) / 2)
+    k, r = c.shape[0], int(kept.sum())
+    zeros = torch.zeros(k - r, dtype=torch.float64)
+    return torch.cat([zeros, lam.clamp_min(0.0)]), torch.cat([torch.zeros(k, k - r, dtype=torch.float64), w @ u], 1)
+
 
 def kronecker_eigenbases(
-    statistics: Mapping[str, KroneckerStatistics],
+    statistics: Mapping[str, KroneckerStatistics], grams: Grams | None = None
 ) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """{layer: (Q_S, λ_S, Q_A, λ_A)}: float64 eigh of S and A; eigenvalues clamped at 0 (roundoff)."""
+    """{layer: (B_S, λ_S, B_A, λ_A)}: float64 `generalized_eigh` of S against P_out P_outᵀ and of A
+    against P_in P_inᵀ (plain eigh, orthonormal B, where a Gram is None or `grams` is None)."""
     out = {}
     for name, s in statistics.items():
-        lam_s, q_s = torch.linalg.eigh(s.grad_covariance().to(torch.float64))
-        lam_a, q_a = torch.linalg.eigh(s.input_covariance().to(torch.float64))
-        out[name] = (q_s, lam_s.clamp_min(0.0), q_a, lam_a.clamp_min(0.0))
+        gram_out, gram_in = (grams or {}).get(name, (None, None))
+        lam_s, q_s = generalized_eigh(s.grad_covariance(), gram_out)
+        lam_a, q_a = generalized_eigh(s.input_covariance(), gram_in)
+        out[name] = (q_s, lam_s, q_a, lam_a)
     return out
 
 
@@ -71,7 +101,8 @@ class EigenbasisMoments(RowAccumulator):
 
     Args:
         layers: the layer table of the rows that will be added.
-        bases: {layer: (Q_S (k_out, k_out), Q_A (k_in, k_in))} float64 with orthonormal columns.
+        bases: {layer: (Q_S (k_out, k_out), Q_A (k_in, k_in))} float64: the `kronecker_eigenbases`
+            (orthonormal columns, or M-orthonormal ones where a projection's Gram M is not I).
     """
 
     def __init__(self, layers: Iterable[LayerInfo], bases: Mapping[str, tuple[Tensor, Tensor]]) -> None:
@@ -113,7 +144,8 @@ class FisherStatistics:
     kronecker: {layer: KroneckerStatistics} (kfac, ekfac).  eigenvalues: {layer: (k_out, k_in)}
     EK-FAC second moments in the eigenbasis of `kronecker`, or None.  covariance:
     {layer: (k_out*k_in, k_out*k_in)} mean outer product for raw, or None.  n_examples: examples
-    seen per sample; n_samples: label draws per example.
+    seen per sample; n_samples: backwards per example (label draws, or the classes when exact);
+    exact: whether the expectation over labels was summed over every class rather than sampled.
     """
 
     kronecker: dict[str, KroneckerStatistics]
@@ -121,6 +153,7 @@ class FisherStatistics:
     covariance: dict[str, Tensor] | None
     n_examples: int
     n_samples: int
+    exact: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,5 +231,10 @@ def check_statistics(store: GradientStore, kron: Mapping[str, KroneckerStatistic
                 f"statistics[{layer.name!r}] has factors {tuple(s.input_sum.shape)}/{tuple(s.grad_sum.shape)} but the "
                 f"layer is logged at k_in={layer.k_in}, k_out={layer.k_out}; compute them with the store's LoGraConfig."
             )
-        if s.n_examples < 1 or s.n_tokens < 1:
+        if s.n_examples < 1:
             raise ConfigError(f"statistics[{layer.name!r}] count no examples; log some rows with statistics=True.")
+        if s.n_tokens < 1:
+            raise ConfigError(
+                f"statistics[{layer.name!r}] count {s.n_examples} examples but no tokens: every mask was all zero, "
+                "so no position reached the loss. Pass masks that select each example's tokens."
+            )

@@ -4,24 +4,29 @@ A store row is, for each layer in the layer table, a (k_out, k_in) matrix G flat
 Every preconditioner is block diagonal over layers and maps rows [Q, D] to rows [Q, D]:
 
 - identity: H = I, a plain gradient dot product (TracIn-style).
-- kfac: H = S ⊗ A + λI with A = Σx̃x̃ᵀ/n_tokens and S = Σg̃g̃ᵀ/n_examples. With A = Q_A Λ_A Q_Aᵀ and
-  S = Q_S Λ_S Q_Sᵀ (float64 eigh), H⁻¹ vec(G) = vec(Q_S [(Q_Sᵀ G Q_A) / (λ_S λ_Aᵀ + λ)] Q_Aᵀ).
-- ekfac: the kfac eigenbasis with the eigenvalues λ_S λ_Aᵀ replaced by the mean over stored rows
-  of (Q_Sᵀ G_i Q_A)² (one chunked pass over the shards).
-- raw: H = (1/N) Σ vec(G_i) vec(G_i)ᵀ + λI, a (k_out·k_in)² matrix per layer, applied through its
-  float64 eigendecomposition.
+- kfac: H = S ⊗ A with A = Σx̃x̃ᵀ/n_tokens and S = Σg̃g̃ᵀ/n_examples. With (Q_S, λ_S) the
+  generalized eigenpairs of (S, M_S) and (Q_A, λ_A) those of (A, M_A) (below; float64, a plain
+  eigh where M = I), (H + λ M_S ⊗ M_A)⁻¹ vec(G) = vec(Q_S [(Q_Sᵀ G Q_A) / (λ_S λ_Aᵀ + λ)] Q_Aᵀ).
+- ekfac: the kfac basis with the eigenvalues λ_S λ_Aᵀ replaced by the mean over stored rows of
+  (Q_Sᵀ G_i Q_A)² (one chunked pass over the shards).
+- raw: H = (1/N) Σ vec(G_i) vec(G_i)ᵀ, a (k_out·k_in)² matrix per layer, applied through its
+  float64 (generalized) eigendecomposition.
 
-Damping λ is explicit (one value, or one per layer) or, by default, `DEFAULT_RELATIVE_DAMPING`
-(0.1, as Kronfluence does) times a mean eigenvalue of the layer's undamped curvature:
-- kfac, ekfac: of the *full-size* curvature, estimated from the projected one
-  (`full_size_mean_eigenvalue`), so the default λ does not move with k. A gaussian or rademacher
-  projection keeps the trace of a covariance but spreads it over k instead of n dimensions, so
-  the projected mean eigenvalue is n/k times the full-size one and damping relative to it would
-  grow as k shrinks, flattening the preconditioner.
-- raw: of the projected curvature itself. raw estimates a (k_out k_in)² matrix from N rows, which
-  at the k where it is affordable leaves many of its eigenvalues to sampling noise (rank ≤ N);
-  the larger damping of this rule suits that better (in the benchmarks the full-size rule lowered
-  raw's LDS by up to 0.08 while raising kfac's and ekfac's).
+Damping λ is in *full-size* units, for every method and init: it is the λ added to the layer's
+full-size (n_out n_in)² curvature C before the projection P = P_out ⊗ P_in (k × n) sees it, so the
+projected curvature is P (C + λI) Pᵀ = H + λ P Pᵀ with H = P C Pᵀ the curvature fitted on the
+projected rows (per side for Kronecker factors: P Pᵀ = M_S ⊗ M_A with M_S = P_out P_outᵀ, M_A = P_in P_inᵀ). Every
+method keeps its factors in a basis B that diagonalises H and P Pᵀ at once (`generalized_eigh`:
+H B = P Pᵀ B Λ, Bᵀ P Pᵀ B = I), so H⁻¹ is B diag(1 / (Λ + λ)) Bᵀ; with orthonormal projection rows
+(orthogonal, identity, pca, and a side whose k is clipped to its width, which is the identity)
+P Pᵀ = I and B is the ordinary eigenbasis. Gaussian and rademacher rows have squared norm n/k,
+so there P Pᵀ ≈ (n/k) I. With identity projections at full size everything is exact: damping =
+the L2 coefficient of a *mean* training loss (λ_L2/N for a summed one) is the L2 term.
+
+By default, `DEFAULT_RELATIVE_DAMPING` (0.1, as Kronfluence does) times the mean of Λ, the
+curvature's eigenvalues in those same full-size units: for every projection it estimates the
+full-size mean eigenvalue tr(C)/n (exactly for C ∝ I and at k = n; tr(H)/k for orthonormal rows;
+about tr(H)/n for gaussian rows, whose P Pᵀ ≈ (n/k) I), so the default λ does not move with k.
 
 Preconditioners are pure: fitting twice gives identical tensors, `apply` never edits its input or
 the preconditioner. They are saved as JSON plus an .npz read with `allow_pickle=False`
@@ -31,6 +36,7 @@ the preconditioner. They are saved as JSON plus an .npz read with `allow_pickle=
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -40,6 +46,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from logra.capture.logger import projection_grams
 from logra.config import ProjectionInit
 from logra.curvature.moments import (
     CurvatureSource,
@@ -49,6 +56,7 @@ from logra.curvature.moments import (
     GradientCovariance,
     accumulate_store,
     curvature_source,
+    generalized_eigh,
     kronecker_eigenbases,
 )
 from logra.errors import ConfigError
@@ -66,6 +74,7 @@ class PreconditionerMethod(str, enum.Enum):
     KFAC = "kfac"
     EKFAC = "ekfac"
     RAW = "raw"
+    ARNOLDI = "arnoldi"  # a store of Arnoldi-eigenbasis rows: logra.curvature.arnoldi
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +86,7 @@ class Preconditioner:
 
     Attributes:
         method: the `PreconditionerMethod`.  layers: the layer table it applies to.  dim: D.
-        damping: {layer: λ}, the absolute damping added to each layer's curvature.
+        damping: {layer: λ}, the damping added to each layer's full-size curvature (module docstring).
         factors: {layer: {name: float64 tensor}}, the fitted tensors (read them, do not edit them).
         fingerprint: the projection fingerprint of the store it was fitted on.
         fisher: the `FisherKind` of its curvature: empirical (the logged labels), true (labels drawn
@@ -137,8 +146,9 @@ class Preconditioner:
 
     @classmethod
     def damping_reference(cls, eigenvalues: Tensor, layer: LayerInfo, init: ProjectionInit) -> float:
-        """The mean eigenvalue the default damping is relative to (module docstring): the full-size one."""
-        return full_size_mean_eigenvalue(eigenvalues, layer, init)
+        """The mean eigenvalue the default damping is relative to (module docstring): the mean of the
+        curvature's eigenvalues in full-size units, an estimate of the full-size mean."""
+        return float(eigenvalues.mean())
 
     def _apply_layer(self, layer: LayerInfo, block: Tensor, f: dict[str, Tensor], damping: float) -> Tensor:
         """block (Q, k_out*k_in) -> H⁻¹ block; `f` holds the factors in block's dtype and device."""
@@ -189,7 +199,7 @@ class IdentityPreconditioner(Preconditioner):
 
 
 class KFACPreconditioner(Preconditioner):
-    """H = S ⊗ A + λI, inverted in the eigenbasis of the two Kronecker factors."""
+    """H = S ⊗ A + λ P Pᵀ, inverted in the (generalized) eigenbases of the two Kronecker factors."""
 
     method = PreconditionerMethod.KFAC
 
@@ -207,7 +217,8 @@ class KFACPreconditioner(Preconditioner):
         cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Device, progress: bool | None
     ) -> dict[str, dict[str, Tensor]]:
         names = ("grad_eigenvectors", "grad_eigenvalues", "input_eigenvectors", "input_eigenvalues")
-        return {name: dict(zip(names, eig)) for name, eig in kronecker_eigenbases(source.kronecker).items()}
+        bases = kronecker_eigenbases(source.kronecker, projection_grams(store.config, store.layers))
+        return {name: dict(zip(names, eig)) for name, eig in bases.items()}
 
     @staticmethod
     def curvature_eigenvalues(factors: Mapping[str, Tensor]) -> Tensor:
@@ -237,7 +248,8 @@ class EKFACPreconditioner(KFACPreconditioner):
     def fit_factors(
         cls, store: GradientStore, source: CurvatureSource, chunk_rows: int, device: Device, progress: bool | None
     ) -> dict[str, dict[str, Tensor]]:
-        bases = {name: (q_s, q_a) for name, (q_s, _, q_a, _) in kronecker_eigenbases(source.kronecker).items()}
+        grams = projection_grams(store.config, store.layers)
+        bases = {name: (q_s, q_a) for name, (q_s, _, q_a, _) in kronecker_eigenbases(source.kronecker, grams).items()}
         moments = source.moments
         if moments is None:
             acc = EigenbasisMoments(store.layers, bases)
@@ -254,7 +266,7 @@ class EKFACPreconditioner(KFACPreconditioner):
 
 
 class RawPreconditioner(Preconditioner):
-    """H = (1/N) Σ vec(G_i)vec(G_i)ᵀ + λI per layer, applied through its float64 eigendecomposition."""
+    """H = (1/N) Σ vec(G_i)vec(G_i)ᵀ + λ P Pᵀ per layer, through its float64 (generalized) eigendecomposition."""
 
     method = PreconditionerMethod.RAW
 
@@ -271,20 +283,17 @@ class RawPreconditioner(Preconditioner):
             acc = GradientCovariance(store.layers)
             accumulate_store(store, acc, chunk_rows, device, progress)
             covariance = acc.result()
+        grams = projection_grams(store.config, store.layers)
         factors = {}
-        for name, cov in covariance.items():
-            lam, vecs = torch.linalg.eigh(cov.to(torch.float64))
-            factors[name] = {"eigenvectors": vecs, "eigenvalues": lam.clamp_min(0.0)}
+        for layer in store.layers:
+            name, cov = layer.name, covariance[layer.name]
+            lam, vecs = generalized_eigh(cov, _kron_gram(layer, *grams[name]))
+            factors[name] = {"eigenvectors": vecs, "eigenvalues": lam}
         return factors
 
     @staticmethod
     def curvature_eigenvalues(factors: Mapping[str, Tensor]) -> Tensor:
         return factors["eigenvalues"]
-
-    @classmethod
-    def damping_reference(cls, eigenvalues: Tensor, layer: LayerInfo, init: ProjectionInit) -> float:
-        """raw: the projected curvature's own mean (module docstring)."""
-        return float(eigenvalues.mean())
 
     def _apply_layer(self, layer: LayerInfo, block: Tensor, f: dict[str, Tensor], damping: float) -> Tensor:
         vecs = f["eigenvectors"]
@@ -310,10 +319,10 @@ def fit_preconditioner(
     Args:
         store: an open `GradientStore` (holding statistics, for kfac/ekfac without `statistics`).
         method: identity | kfac | ekfac | raw (a `PreconditionerMethod` or its value).
-        damping: λ for every layer, a {layer: λ} dict, or None for DEFAULT_RELATIVE_DAMPING (0.1)
-            times each layer's mean eigenvalue of the undamped curvature: for kfac/ekfac of the
-            full-size curvature, estimated from the projected one (`full_size_mean_eigenvalue`), so
-            that it does not change with k; for raw of the projected curvature (module docstring).
+        damping: λ for every layer, or a {layer: λ} dict, added to the *full-size* curvature (so
+            damping = the L2 coefficient of a mean training loss is that L2 term, whatever the
+            projection); or None for DEFAULT_RELATIVE_DAMPING (0.1) times each layer's mean
+            eigenvalue of the undamped curvature in those units (module docstring).
         statistics: replaces the store's empirical curvature: a {layer: KroneckerStatistics} dict
             (kfac, ekfac) or the `FisherStatistics` of `true_fisher_statistics` (the true Fisher).
         chunk_rows: rows per chunk of the ekfac/raw pass (results agree to rounding for any value).
@@ -336,25 +345,13 @@ def fit_preconditioner(
     return cls(store.layers, factors, resolved, store.config.projection_fingerprint(), source.fisher)
 
 
-def full_size_mean_eigenvalue(eigenvalues: Tensor, layer: LayerInfo, init: ProjectionInit) -> float:
-    """The mean eigenvalue of a layer's full-size (n_out n_in) curvature, from its projected eigenvalues.
-
-    A projection P (k, n) maps a covariance C to P C Pᵀ, whose trace is tr(C PᵀP). For gaussian and
-    rademacher projections E[PᵀP] = I, so the trace is kept and the full-size mean is the projected
-    sum over n_in n_out. Orthogonal, identity (a coordinate subset) and pca projections have
-    orthonormal rows, PᵀP a rank-k projector, so they keep a fraction of about k/n of the trace (for
-    pca the top part, so this estimate is then an upper bound) and the estimate is the projected
-    mean. At k = n every init gives the exact mean.
-
-    Args:
-        eigenvalues: the projected curvature's eigenvalues, any shape, k_out k_in of them.
-        layer: the layer (its n and k).
-        init: the store's projection init.
-    """
-    total = float(eigenvalues.sum())
-    if init in (ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER):
-        return total / (layer.n_in * layer.n_out)
-    return total / eigenvalues.numel()
+def _kron_gram(layer: LayerInfo, gram_out: Tensor | None, gram_in: Tensor | None) -> Tensor | None:
+    """P Pᵀ (k_out k_in, k_out k_in) of P = P_out ⊗ P_in from its sides' Grams (None: the identity)."""
+    if gram_out is None and gram_in is None:
+        return None
+    eye = functools.partial(torch.eye, dtype=torch.float64)
+    out = eye(layer.k_out) if gram_out is None else gram_out
+    return torch.kron(out, eye(layer.k_in) if gram_in is None else gram_in)
 
 
 def _resolve_damping(

@@ -76,6 +76,12 @@ def encoded_finite(data: np.ndarray, scales: np.ndarray | None, dtype: StorageDt
     return finite
 
 
+def underflowed(rows: Tensor, data: np.ndarray, dtype: StorageDtype) -> np.ndarray:
+    """(n,) bool: whether a row lost nonzero entries to zero in the storage dtype (underflow)."""
+    zero = (data & 0x7FFF) == 0 if dtype is StorageDtype.BFLOAT16 else data == 0
+    return np.asarray(np.asarray((rows.detach().to("cpu") != 0).numpy() & zero).any(axis=1))
+
+
 def decode_rows(array: np.ndarray, dtype: StorageDtype, scales: np.ndarray | None) -> Tensor:
     """(n, D) stored array -> tensor in `output_dtype(dtype)`; a view except for float16."""
     if dtype is StorageDtype.BFLOAT16:

@@ -21,13 +21,15 @@ from typing import Any
 
 from logra.config import LoGraConfig, StorageDtype
 from logra.errors import ConfigError, StoreCorruptedError, StoreError
-from logra.store.files import fsync_dir, write_atomic
+from logra.store.files import fsync_dir, json_checksum, read_regular, write_atomic
 from logra.types import ExampleId, LayerInfo
 
 FORMAT = "logra-gradient-store"
-FORMAT_VERSION = 2  # 2: input projections shared by default (no migration of version-1 stores)
+FORMAT_VERSION = 4  # 2: input projections shared by default; 3: a side with k = width is the identity;
+# 4: sizes of id and statistics files recorded, for bounded reads. No migration.
 MANIFEST = "manifest.json"
 MAX_COUNT = 2**53  # no width, size or row count in a manifest may exceed this
+MAX_MANIFEST_BYTES = 2**30  # a manifest is read only when it is a regular file of at most this size
 SHARD_RE = re.compile(r"shard-(\d{3,4})-(\d{6})\.bin", re.ASCII)
 IDS_RE = re.compile(r"shard-(\d{3,4})-(\d{6})\.ids\.json", re.ASCII)
 SCALES_RE = re.compile(r"shard-(\d{3,4})-(\d{6})\.scales\.bin", re.ASCII)
@@ -38,7 +40,7 @@ _TOP_KEYS = {
     "format", "format_version", "config", "config_fingerprint", "model_fingerprint", "dtype", "dim", "layers",
     "shards", "total_rows", "statistics", "skipped", "manifest_sha256",
 }  # fmt: skip
-_SHARD_KEYS = {"file", "ids", "rows", "sha256", "ids_sha256", "scales", "scales_sha256"}
+_SHARD_KEYS = {"file", "ids", "rows", "sha256", "ids_sha256", "ids_bytes", "scales", "scales_sha256"}
 
 
 def shard_file_names(rank: int, index: int) -> tuple[str, str, str]:
@@ -61,6 +63,7 @@ class ShardInfo:
     """One committed shard: its files, row count and the SHA-256 of each file at commit.
 
     `scales_file` holds one float32 scale per row; it exists exactly for float16 stores.
+    `ids_bytes` is the size of the id file, so a reader reads no more than that.
     """
 
     file: str
@@ -70,10 +73,11 @@ class ShardInfo:
     ids_sha256: str
     scales_file: str | None = None
     scales_sha256: str | None = None
+    ids_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "ids": self.ids_file, "rows": self.rows, "sha256": self.sha256,
-                "ids_sha256": self.ids_sha256, "scales": self.scales_file,
+                "ids_sha256": self.ids_sha256, "ids_bytes": self.ids_bytes, "scales": self.scales_file,
                 "scales_sha256": self.scales_sha256}  # fmt: skip
 
 
@@ -86,7 +90,7 @@ class Manifest:
     dtype: StorageDtype
     layers: tuple[LayerInfo, ...]
     shards: tuple[ShardInfo, ...]
-    statistics: tuple[str, str] | None  # (file, sha256)
+    statistics: tuple[str, str, int] | None  # (file, sha256, bytes)
     skipped: tuple[ExampleId, ...]
 
     @property
@@ -112,7 +116,7 @@ class Manifest:
             "total_rows": self.total_rows,
             "statistics": None
             if self.statistics is None
-            else {"file": self.statistics[0], "sha256": self.statistics[1]},
+            else {"file": self.statistics[0], "sha256": self.statistics[1], "bytes": self.statistics[2]},
             "skipped": list(self.skipped),
         }
         body["manifest_sha256"] = manifest_checksum(body)
@@ -121,9 +125,7 @@ class Manifest:
 
 def manifest_checksum(data: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of `data` without its `manifest_sha256` field."""
-    body = {k: v for k, v in data.items() if k != "manifest_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json_checksum(data, "manifest_sha256")
 
 
 def _bad(path: Path, why: str) -> StoreCorruptedError:
@@ -247,9 +249,8 @@ def _parse_shard(raw: Any, dtype: StorageDtype, path: Path) -> ShardInfo:
     if ids_file != stem + ".ids.json" or (scales_file is not None and scales_file != stem + ".scales.bin"):
         raise _bad(path, f"the files of shard {file!r} ({ids_file!r}, {scales_file!r}) do not share its name")
     rows = _count(raw, "rows", path)
-    return ShardInfo(
-        file, ids_file, rows, _sha(raw, "sha256", path), _sha(raw, "ids_sha256", path), scales_file, scales_sha
-    )
+    return ShardInfo(file, ids_file, rows, _sha(raw, "sha256", path), _sha(raw, "ids_sha256", path), scales_file,
+                     scales_sha, _count(raw, "ids_bytes", path))  # fmt: skip
 
 
 def parse_manifest(data: Any, path: Path) -> Manifest:
@@ -264,9 +265,11 @@ def parse_manifest(data: Any, path: Path) -> Manifest:
     statistics = None
     if _get(data, "statistics", (dict, type(None)), path) is not None:
         stats_raw = data["statistics"]
-        if set(stats_raw) != {"file", "sha256"}:
-            raise _bad(path, "the statistics entry must have exactly the fields 'file' and 'sha256'")
-        statistics = (_name(stats_raw, "file", STATS_RE, path), _sha(stats_raw, "sha256", path))
+        if set(stats_raw) != {"file", "sha256", "bytes"}:
+            raise _bad(path, "the statistics entry must have exactly the fields 'file', 'sha256' and 'bytes'")
+        statistics = (
+            _name(stats_raw, "file", STATS_RE, path), _sha(stats_raw, "sha256", path), _count(stats_raw, "bytes", path)
+        )
     skipped = _check_ids(_get(data, "skipped", list, path), path, "the skipped-id list")
     return Manifest(config, _get(data, "model_fingerprint", str, path), dtype, layers, shards, statistics, skipped)
 
@@ -284,8 +287,10 @@ def read_manifest_bytes(root: Path, name: str = MANIFEST) -> bytes:
     """The raw bytes of `root/name`; StoreError when the store or the file does not exist."""
     path = root / name
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
+        return read_regular(path, MAX_MANIFEST_BYTES, "the manifest")
+    except StoreError:
+        raise
+    except (FileNotFoundError, NotADirectoryError):
         raise StoreError(
             f"{root} is not a gradient store: it has no {name}. Log one with GradientLogger(..., store={str(root)!r})."
         ) from None

@@ -12,12 +12,11 @@ shards are raw arrays.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import zipfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -26,37 +25,56 @@ from torch import Tensor
 from logra.config import LoGraConfig, StorageDtype
 from logra.errors import ConfigError, StoreCorruptedError, StoreError
 from logra.store.encoding import NUMPY_DTYPES, decode_rows, output_dtype
-from logra.store.files import sha256_file
+from logra.store.files import read_regular, sha256_file
 from logra.store.manifest import MANIFEST, Manifest, ShardInfo, load_manifest, parse_ids_file, read_manifest_bytes
-from logra.store.statistics import statistics_from_arrays
+from logra.store.statistics import parse_statistics
 from logra.types import ExampleId, KroneckerStatistics, LayerInfo
 
 if TYPE_CHECKING:  # the logger (capture) writes through this package: no import at run time
     from logra.capture.logger import GradientLogger
 
-_OPEN_ATTEMPTS = 5  # re-reads of a manifest that a concurrent writer replaced while we opened it
+
+class LoggedRows(Protocol):
+    """Rows with their provenance (a capture `Record` or `QueryRows`): what `check_compatible` reads."""
+
+    rows: Tensor | None
+    config: LoGraConfig | None
+    model_fingerprint: str | None
+    layers: tuple[LayerInfo, ...] | None
 
 
-def _read_file(path: Path, what: str) -> bytes:
+_OPEN_SECONDS = 120.0  # how long `open` follows a writer that keeps replacing the manifest
+
+
+def _read_file(path: Path, what: str, size: int) -> bytes:
+    """The `size` bytes of a regular file named by the manifest (nothing else is read)."""
     try:
-        return path.read_bytes()
+        raw = read_regular(path, size, what)
+    except StoreError as exc:
+        raise StoreCorruptedError(f"{exc} It does not match the manifest; restore it or re-log the store.") from None
     except FileNotFoundError:
         raise StoreCorruptedError(
             f"{path}: {what} named by the manifest is missing; restore it or re-log the store."
         ) from None
     except OSError as exc:
         raise StoreError(f"{path}: {what} cannot be read ({exc.strerror or exc}).") from None
+    return raw
 
 
 def read_shard_ids(root: Path, shard: ShardInfo) -> list[ExampleId]:
     """The ids of one committed shard, checked against the manifest's checksum and row count."""
     path = root / shard.ids_file
-    return parse_ids_file(_read_file(path, f"the id file of shard {shard.file}"), path, shard)
+    raw = _read_file(path, f"the id file of shard {shard.file}", shard.ids_bytes)
+    if len(raw) != shard.ids_bytes:
+        raise StoreCorruptedError(
+            f"{path}: holds {len(raw)} bytes, but the manifest says {shard.ids_bytes}; restore it or re-log the store."
+        )
+    return parse_ids_file(raw, path, shard)
 
 
 def _read_scales(root: Path, shard: ShardInfo) -> np.ndarray:
     path = root / str(shard.scales_file)
-    raw = _read_file(path, f"the float16 scales of shard {shard.file}")
+    raw = _read_file(path, f"the float16 scales of shard {shard.file}", 4 * shard.rows)
     if hashlib.sha256(raw).hexdigest() != shard.scales_sha256 or len(raw) != 4 * shard.rows:
         raise StoreCorruptedError(
             f"{path}: checksum or size mismatch ({len(raw)} bytes for {shard.rows} rows); the scales were altered "
@@ -84,30 +102,17 @@ def _check_shard_size(root: Path, shard: ShardInfo, dim: int, dtype: StorageDtyp
         )
 
 
-def _load_statistics(root: Path, manifest: Manifest) -> dict[str, KroneckerStatistics]:
+def _load_statistics(root: Path, manifest: Manifest, rows: int) -> dict[str, KroneckerStatistics]:
     assert manifest.statistics is not None  # checked by the caller
-    name, digest = manifest.statistics
+    name, digest, size = manifest.statistics
     path = root / name
-    raw = _read_file(path, "the statistics file")
-    if hashlib.sha256(raw).hexdigest() != digest:
+    raw = _read_file(path, "the statistics file", size)
+    if len(raw) != size or hashlib.sha256(raw).hexdigest() != digest:
         raise StoreCorruptedError(
-            f"{path}: checksum mismatch; the statistics were altered after commit. Re-log the store."
+            f"{path}: size or checksum mismatch ({len(raw)} bytes, the manifest says {size}); the statistics were "
+            "altered after commit. Re-log the store."
         )
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        stats = statistics_from_arrays([layer.name for layer in manifest.layers], arrays)
-    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
-        raise StoreCorruptedError(f"{path}: unreadable statistics ({str(exc)[:200]}); re-log the store.") from None
-    for layer in manifest.layers:
-        s = stats[layer.name]
-        if s.input_sum.shape != (layer.k_in, layer.k_in) or s.grad_sum.shape != (layer.k_out, layer.k_out):
-            raise StoreCorruptedError(
-                f"{path}: the statistics of layer {layer.name!r} have the wrong shape; re-log the store."
-            )
-        if s.n_tokens < 0 or s.n_examples < 0:
-            raise StoreCorruptedError(f"{path}: negative counts for layer {layer.name!r}; re-log the store.")
-    return stats
+    return parse_statistics(raw, path, manifest.layers, rows)
 
 
 class GradientStore:
@@ -122,7 +127,11 @@ class GradientStore:
     are rescaled by the per-row scales and returned as float32 copies (see `logra.encoding`).
     """
 
-    def __init__(self, root: str | os.PathLike[str], manifest: Manifest) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], manifest: Manifest, *, statistics_rows: int | None = None
+    ) -> None:
+        """A snapshot of `manifest`; `statistics_rows`: the rows its statistics count (default: its
+        own rows; a view of some shards of a store passes the whole store's)."""
         self.root = Path(root)
         self.manifest = manifest
         self.config: LoGraConfig = manifest.config
@@ -141,7 +150,8 @@ class GradientStore:
                 f"{self.root}: the same example id appears in two rows (or both as a row and as skipped); "
                 "the store was assembled wrongly. Re-log it."
             )
-        self._statistics = _load_statistics(self.root, manifest) if manifest.statistics is not None else None
+        rows = manifest.total_rows if statistics_rows is None else statistics_rows
+        self._statistics = _load_statistics(self.root, manifest, rows) if manifest.statistics is not None else None
         self._manifest_name = MANIFEST  # the file `open` read the manifest from
         self._starts = np.cumsum([0] + [s.rows for s in manifest.shards])
 
@@ -149,20 +159,29 @@ class GradientStore:
     def open(cls, root: str | os.PathLike[str], manifest_name: str = MANIFEST) -> GradientStore:
         """Open a store for reading: a consistent snapshot of what is committed at this instant.
 
-        A writer may replace the manifest (and drop the statistics file it replaced) while this
-        runs; the manifest is then re-read, so the snapshot is always one committed state.
+        A writer keeps the statistics file of the previous manifest until its next commit, so a
+        snapshot rarely loses a file; a reader that does (it was slower than two commits) finds the
+        manifest replaced and moves to the new one. A file that is missing or damaged while the
+        manifest stays the same is corruption, and raises.
         """
         path = Path(root)
-        for attempt in range(_OPEN_ATTEMPTS):
+        deadline = time.monotonic() + _OPEN_SECONDS
+        replaced = 0
+        while True:
             raw = read_manifest_bytes(path, manifest_name)
             try:
                 store = cls(path, load_manifest(raw, path / manifest_name))
                 store._manifest_name = manifest_name
                 return store
             except StoreCorruptedError:
-                if attempt == _OPEN_ATTEMPTS - 1 or read_manifest_bytes(path, manifest_name) == raw:
-                    raise
-        raise AssertionError("unreachable")
+                if read_manifest_bytes(path, manifest_name) == raw:
+                    raise  # the manifest did not change: the defect is real
+                replaced += 1
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{path / manifest_name}: a writer replaced the manifest {replaced} times while this reader "
+                        f"opened the store ({_OPEN_SECONDS:.0f} s); the store is healthy but busy. Open it again."
+                    ) from None
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -174,6 +193,11 @@ class GradientStore:
     @property
     def model_fingerprint(self) -> str:
         return self.manifest.model_fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        """The SHA-256 of this snapshot's signed manifest, which names the checksum of every file."""
+        return str(self.manifest.to_dict()["manifest_sha256"])
 
     def layer(self, name: str) -> LayerInfo:
         for layer in self.layers:
@@ -256,7 +280,7 @@ class GradientStore:
             for name, digest in named:
                 _verify_file(self.root / name, digest)
         if self.manifest.statistics is not None:
-            name, digest = self.manifest.statistics
+            name, digest, _ = self.manifest.statistics
             if (self.root / name).exists() or not self._superseded():
                 _verify_file(self.root / name, digest)
             # else: a writer committed since open and dropped this snapshot's statistics file; its
@@ -290,13 +314,17 @@ def _verify_file(path: Path, digest: str) -> None:
 
 
 def check_compatible(
-    store: GradientStore, other: GradientStore | GradientLogger | LoGraConfig, *, check_model: bool = True
+    store: GradientStore,
+    other: GradientStore | GradientLogger | LoGraConfig | LoggedRows,
+    *,
+    check_model: bool = True,
 ) -> None:
     """Raise ConfigError unless rows logged by `other` can be scored against `store`.
 
     Args:
         store: the training store.
-        other: a GradientLogger (the query side), another GradientStore, or a bare LoGraConfig.
+        other: a GradientLogger (the query side), another GradientStore, a `Record` or `QueryRows`
+            of query rows, or a bare LoGraConfig.
         check_model: also require the same model weights (model fingerprint), when `other` has one.
             Pass False to score, on purpose, with a copy of the model in another dtype.
 
@@ -306,7 +334,8 @@ def check_compatible(
     config = other if isinstance(other, LoGraConfig) else getattr(other, "config", None)
     if not isinstance(config, LoGraConfig):
         raise ConfigError(
-            f"check_compatible needs a GradientLogger, GradientStore or LoGraConfig, got {type(other).__name__}."
+            "check_compatible needs a GradientLogger, GradientStore, Record, QueryRows or LoGraConfig, "
+            f"got {type(other).__name__}."
         )
     if config.projection_fingerprint() != store.config.projection_fingerprint():
         ours, theirs = store.config.to_dict(), config.to_dict()

@@ -18,6 +18,8 @@ Commit protocol (crash safety): rows are appended to `shard-….bin.tmp`; at com
 ids, scales and the statistics are written to temp files, fsynced and renamed (each statistics
 commit gets a new file name, so the committed one is never overwritten), the directory is
 fsynced, and only then is the manifest replaced (temp, fsync, rename, fsync of the directory).
+The statistics file the previous manifest named is kept until the next commit (or `close()`),
+so a reader that opened that manifest a moment ago still finds it.
 The manifest records the SHA-256 of every file it names, and of itself. A reader therefore sees
 whole committed shards or nothing; files the manifest does not name are leftovers, which readers
 ignore and a resuming writer deletes.
@@ -48,7 +50,7 @@ from torch import Tensor
 
 from logra.config import LoGraConfig, StorageDtype
 from logra.errors import DuplicateIdError, LograError, StoreError
-from logra.store.encoding import encode_rows, encoded_finite
+from logra.store.encoding import encode_rows, encoded_finite, underflowed
 from logra.store.files import TMP_SUFFIX, write_atomic
 from logra.store.manifest import (
     IDS_RE,
@@ -73,9 +75,19 @@ except ImportError:  # pragma: no cover - Windows has no flock: one writer per s
     fcntl = None  # type: ignore[assignment]
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # file systems without flock
 
+_WIDER = {StorageDtype.FLOAT16: "float32", StorageDtype.BFLOAT16: "float32", StorageDtype.FLOAT32: "float64"}
+
+
 def check_unique(ids: list[ExampleId], known: set[ExampleId] | frozenset[ExampleId], where: str) -> None:
+    """Raise DuplicateIdError naming ids repeated within `ids` or already in `known` (`where`)."""
     seen: set[ExampleId] = set()
-    dup = [i for i in ids if i in known or i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+    repeated = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+    if repeated:
+        raise DuplicateIdError(
+            f"example ids {repeated[:10]}{' ...' if len(repeated) > 10 else ''} appear twice within this batch; "
+            "give every example of a batch its own id."
+        )
+    dup = [i for i in ids if i in known]
     if dup:
         raise DuplicateIdError(
             f"example ids {dup[:10]}{' ...' if len(dup) > 10 else ''} are already in {where}; every example "
@@ -141,6 +153,7 @@ class StoreWriter:
         self._index = 1 + max((n for n in numbers if n is not None), default=-1)  # the next shard of this rank
         stats = _number_of(STATS_RE, self.manifest.statistics[0], rank) if self.manifest.statistics else None
         self._stats_generation = 0 if stats is None else stats + 1  # each commit writes a new statistics file
+        self._retired: str | None = None  # the previous manifest's statistics file, kept for open snapshots
 
     def _open_or_create(self, fresh: Manifest) -> GradientStore:
         """Resume the store (same header, undamaged, leftovers removed) or create it empty."""
@@ -259,13 +272,24 @@ class StoreWriter:
         with self._guard(f"writing {len(ids)} rows to {tmp.name}"):
             if ids:
                 data, scales = encode_rows(rows, self.dtype)
+                wider = _WIDER.get(self.dtype, "float64")
                 finite = encoded_finite(data, scales, self.dtype)
                 if not finite.all():
                     bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
                     raise StoreError(
                         f"the rows of examples {bad[:10]} overflow the storage dtype {self.dtype.value} (their largest "
-                        f"|entry| is {rows.abs().max().item():.3g}); log into a new store with "
-                        "LoGraConfig(dtype='float32')."
+                        f"|entry| is {rows.abs().max().item():.3g}); check the loss for divergence, or log into a "
+                        f"new store with LoGraConfig(dtype={wider!r})."
+                    )
+                lost = underflowed(rows, data, self.dtype)
+                if lost.any():
+                    small = [i for i, x in zip(ids, lost.tolist()) if x]
+                    warnings.warn(
+                        f"the rows of examples {small[:10]}{' ...' if len(small) > 10 else ''} have nonzero entries "
+                        f"that underflow to 0 in the storage dtype {self.dtype.value}; their scores lose those "
+                        f"entries. Scale the loss up, or log with LoGraConfig(dtype={wider!r}).",
+                        UserWarning,
+                        stacklevel=4,
                     )
                 if self._file is None:
                     self._file = open(tmp, "wb")
@@ -301,17 +325,21 @@ class StoreWriter:
                 f"GradientLogger(..., statistics={self.manifest.statistics is not None}); "
                 "statistics must cover every row."
             )
-        with self._guard(f"committing to {self.manifest_name}"):
+        step = [f"committing to {self.manifest_name}"]
+        with self._guard(step):
             shards = list(self.manifest.shards)
             if self._pending_ids:
+                step[0] = f"writing shard {shard_file_names(self.rank, self._index)[0]} and its ids"
                 shards.append(self._seal_shard())
             stats_entry = None
             if statistics is not None:
                 name = f"statistics-{self.rank:03d}-{self._stats_generation:06d}.npz"
+                step[0] = f"writing the statistics file {name}"
                 stats_entry = write_statistics(self.root, name, statistics)
             old = self.manifest
             new = Manifest(old.config, old.model_fingerprint, old.dtype, old.layers, tuple(shards), stats_entry,
                            old.skipped + tuple(self._pending_skipped))  # fmt: skip
+            step[0] = f"replacing {self.manifest_name}"
             write_manifest(self.root, new, self.manifest_name)
             self.manifest = new
             self._committed_ids.update(self._pending_ids, self._pending_skipped)
@@ -319,7 +347,14 @@ class StoreWriter:
             self._stats_generation += 1 if statistics is not None else 0
             self._pending_ids, self._pending_skipped, self._pending_scales = [], [], []
             if old.statistics is not None and (stats_entry is None or old.statistics[0] != stats_entry[0]):
-                (self.root / old.statistics[0]).unlink(missing_ok=True)
+                # A reader may hold a snapshot of `old`: its statistics file stays until the next commit.
+                self._drop_retired()
+                self._retired = old.statistics[0]
+
+    def _drop_retired(self) -> None:
+        if self._retired is not None:
+            (self.root / self._retired).unlink(missing_ok=True)
+            self._retired = None
 
     def _seal_shard(self) -> ShardInfo:
         """Make the pending shard and its id (and scale) files durable under their final names."""
@@ -337,9 +372,8 @@ class StoreWriter:
             write_atomic(self.root / scales_name, scales_bytes)
             scales_file, scales_sha = scales_name, hashlib.sha256(scales_bytes).hexdigest()
         ids_sha = hashlib.sha256(ids_bytes).hexdigest()
-        return ShardInfo(
-            name, ids_name, len(self._pending_ids), self._hash.hexdigest(), ids_sha, scales_file, scales_sha
-        )
+        return ShardInfo(name, ids_name, len(self._pending_ids), self._hash.hexdigest(), ids_sha, scales_file,
+                         scales_sha, len(ids_bytes))  # fmt: skip
 
     def close(self, statistics: dict[str, KroneckerStatistics] | None, *, commit: bool = True) -> None:
         """Commit what is pending (unless `commit` is False), then release the store.
@@ -352,6 +386,7 @@ class StoreWriter:
         finally:
             with contextlib.suppress(OSError):  # a temp file left here is deleted by the next writer
                 self.discard_pending()
+                self._drop_retired()
             self._release_lock()
 
     def discard_pending(self) -> None:
@@ -372,11 +407,15 @@ class StoreWriter:
             )
 
     @contextlib.contextmanager
-    def _guard(self, action: str) -> Iterator[None]:
-        """Stop the writer on any exception inside; raise OS errors as StoreError naming the store."""
+    def _guard(self, what: str | list[str]) -> Iterator[None]:
+        """Stop the writer on any exception inside; raise OS errors as StoreError naming the store.
+
+        `what` names the operation; a one-item list may be updated inside, step by step.
+        """
         try:
             yield
         except BaseException as exc:
+            action = what if isinstance(what, str) else what[0]
             self._failure = f"{action}: {_describe(exc) if isinstance(exc, OSError) else repr(exc)[:300]}"
             with contextlib.suppress(OSError):
                 self.discard_pending()
