@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(LOGRA) fit $(DEMO_DIR)/store --method kfac
 	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/queries.jsonl --prompt-field prompt \
 	    --normalization relative --top-k 5 --out $(DEMO_DIR)/topk.csv --matrix $(DEMO_DIR)/scores.npy
-	$(LOGRA) report --scores $(DEMO_DIR)/scores.npy --out $(DEMO_DIR)/report.html \
+	$(LOGRA) report --scores $(DEMO_DIR)/scores.npy --out $(DEMO_DIR)/report.html --tokens \
 	    --title "Which news articles shape SmolLM2's completions?"
 	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/topk.csv
 	@echo "open $(DEMO_DIR)/report.html"
@@ -57,6 +57,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/e2e.py
 	$(PY) benchmarks/accuracy.py
 	$(PY) benchmarks/solvers.py
+	$(PY) benchmarks/tasks.py --task news-lm
+	$(PY) benchmarks/bytes_curve.py
 	$(PY) benchmarks/report.py
 
 # make bench-peers: logra side by side with LogIX, Kronfluence and TRAK, installed into their own

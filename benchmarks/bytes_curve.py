@@ -131,6 +131,39 @@ def evaluate(name: str, seeds: int, log: Callable[[str], None]) -> list[dict[str
     return rows
 
 
+def _cpu(fn: Callable[[], Any], rounds: int = 3) -> float:
+    """Median process CPU seconds of fn() over `rounds` runs."""
+    times = []
+    for _ in range(rounds):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def logging_cost(name: str) -> dict[str, float]:
+    """CPU time of a logging pass (rows kept in memory, statistics on, weight gradients off) over the
+    training set, as a ratio to a bare forward+backward of the same batches: uniform k = 64, the
+    budget of k = 64's D, and the budget's probe pass (k0 = PROBE_K, statistics only)."""
+    task = tasks.ALL_TASKS[name]()
+    model, _, _ = tasks.ground_truth(task)
+    w = accuracy.workload(task, model)
+
+    def bare() -> None:
+        for batch in w.train:
+            w.model.zero_grad(set_to_none=True)
+            w.loss(w.model, batch).sum().backward()
+        w.model.zero_grad(set_to_none=True)
+
+    layer_k = probe_layer_k(w, accuracy.row_width(w, 64))
+    base = _cpu(bare)
+    return {
+        "uniform_k64": _cpu(lambda: peers.logra_log(w, peers.logra_config(w, 64), None)) / base,
+        "budget_k64": _cpu(lambda: peers.logra_log(w, peers.logra_config(w, 64, layer_k=layer_k), None)) / base,
+        "probe": _cpu(lambda: peers.logra_log(w, peers.logra_config(w, PROBE_K), None)) / base,
+    }
+
+
 def kronfluence_lines() -> dict[str, float]:
     """{task: Kronfluence EK-FAC LDS} from results/accuracy_peers.json, where it was measured."""
     path = common.RESULTS / "accuracy_peers.json"
@@ -221,9 +254,18 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", choices=LM_TASKS, default=LM_TASKS)
     parser.add_argument("--seeds", type=int, default=2, help="projection seeds per random candidate")
     parser.add_argument("--replot", action="store_true", help="only redraw the SVG from the saved results")
+    parser.add_argument("--cost-only", action="store_true", help="only re-measure the logging cost (into the results)")
     args = parser.parse_args()
     if args.replot:
         replot()
+        return
+    if args.cost_only:
+        common.set_threads()
+        path = common.RESULTS / "bytes_curve.json"
+        payload = json.loads(path.read_text())
+        payload["logging_cost"] = {name: logging_cost(name) for name in args.tasks}
+        payload.pop("machine", None)
+        common.save("bytes_curve", payload)
         return
     common.set_threads()
     torch.manual_seed(0)
@@ -235,7 +277,9 @@ def main() -> None:
         seed_outputs = tasks.seed_outputs(tasks.ALL_TASKS[name]())
         if seed_outputs is not None:
             ceilings[name] = tasks.seed_ceiling(seed_outputs)
-    path = common.save("bytes_curve", {"rows": rows, "kronfluence": kronfluence_lines(), "ceilings": ceilings})
+    costs = {name: logging_cost(name) for name in args.tasks}
+    payload = {"rows": rows, "kronfluence": kronfluence_lines(), "ceilings": ceilings, "logging_cost": costs}
+    path = common.save("bytes_curve", payload)
     path.with_suffix(".svg").write_text(plot_svg(json.loads(path.read_text())))
 
 

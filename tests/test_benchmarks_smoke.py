@@ -58,7 +58,7 @@ def test_logra_adapter_scores_equal_per_example_gradient_dot_products(tmp_path: 
 
 
 def test_cached_ground_truth_reproduces_its_query_losses() -> None:
-    for name, factory in tasks.TASKS.items():
+    for name, factory in tasks.ALL_TASKS.items():
         npz, meta = tasks.cache_paths(name)
         assert npz.exists() and meta.exists(), f"benchmarks/cache/{name} is missing; run benchmarks/tasks.py"
         task = factory()
@@ -70,6 +70,19 @@ def test_cached_ground_truth_reproduces_its_query_losses() -> None:
         with np.load(npz) as data:
             cached = torch.from_numpy(data["full_query_losses"])
         torch.testing.assert_close(tasks.query_losses(task, model), cached, rtol=1e-5, atol=1e-5)
+
+
+def test_news_lm_is_fine_tuned_from_its_base_and_its_seeds_agree() -> None:
+    task = tasks.ALL_TASKS["news-lm"]()
+    assert task.train_x.shape == (256, 64) and task.query_x.shape == (32, 64)
+    train = {tuple(r) for r in task.train_x.tolist()}
+    assert not train & {tuple(r) for r in task.query_x.tolist()}  # queries are held out
+    base = task.build()
+    model, _, _ = tasks.ground_truth(task)
+    assert not torch.equal(base.lm_head.weight, model.lm_head.weight)  # the attributed model is fine-tuned
+    seed_outputs = tasks.seed_outputs(task)
+    assert seed_outputs is not None and seed_outputs.shape == (2, 100, 32)
+    assert tasks.seed_ceiling(seed_outputs) > 0.6  # the bar for a usable LDS ground truth
 
 
 def test_markov_corpus_is_seeded_and_follows_sparse_chains() -> None:

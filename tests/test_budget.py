@@ -126,3 +126,15 @@ def test_cli_log_with_a_budget_stores_the_allocation_and_stays_within_uniform_k(
     assert len(logra.GradientStore.open(tmp_path / "budget")) == len(uniform)
     with pytest.raises(SystemExit):
         main(["log", "--budget", "--k-in", "4"])  # argparse: the required options are missing
+
+
+def test_the_readme_budget_example_runs_as_written() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "allocate_k(probe.statistics()" in b)
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    layer_k = namespace["layer_k"]
+    assert isinstance(layer_k, dict) and sum(a * b for a, b in layer_k.values()) <= 128
+    assert layer_k["2"][1] > layer_k["0"][1]  # the wide head's output side gets more rows than the first layer's

@@ -63,6 +63,10 @@ class LayerCapture:
         # the logger, so that layers of one width hold one matrix and can reuse each other's x̃.
         self._shared_inputs = shared_inputs
         self._active = active
+        # A side whose k equals its width is the identity for every init (logra.capture.projection):
+        # it is applied as a copy, not as an (n, n) matmul per token.
+        self._identity_in = info.k_in == info.n_in
+        self._identity_out = info.k_out == info.n_out
         self.calls: list[_Call] = []
         # Draw the copies for the weight's device and dtype now, so the first batch does no setup.
         weight = getattr(module, "weight", None)
@@ -111,7 +115,10 @@ class LayerCapture:
             xt = seen[2]
         else:
             xc = x3.detach().to(p_in.dtype)
-            if self.info.bias:
+            if self._identity_in:  # (B, M, n_in): a copy, so that later in-place edits of x do not reach it
+                ones = torch.ones((*xc.shape[:2], 1), dtype=xc.dtype, device=xc.device)
+                xt = torch.cat([xc, ones], dim=-1) if self.info.bias else xc.clone()
+            elif self.info.bias:
                 xt = xc @ p_in[:, :-1].T + p_in[:, -1]  # (B, M, k_in): the bias input is a constant 1
             else:
                 xt = xc @ p_in.T
@@ -124,7 +131,8 @@ class LayerCapture:
             output.requires_grad_(True)  # frozen model: let the gradient reach this layer's output
 
         def grad_hook(grad: Tensor) -> None:
-            g = grad.detach().reshape(B, -1, grad.shape[-1]).to(p_out.dtype) @ p_out.T  # (B, M, k_out)
+            flat = grad.detach().reshape(B, -1, grad.shape[-1]).to(p_out.dtype)
+            g = flat.clone() if self._identity_out else flat @ p_out.T  # (B, M, k_out)
             if call.mask is not None:
                 g = _apply_mask(g, call.mask)
             call.g = g if call.g is None else call.g + g
