@@ -7,8 +7,11 @@ on one thread, and nothing may be downloaded at run time.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,3 +30,20 @@ torch.set_num_threads(1)
 def store_dir(tmp_path: Path) -> Path:
     """A not-yet-existing store directory inside the test's temporary directory."""
     return tmp_path / "store"
+
+
+@pytest.fixture
+def watchdog() -> Iterator[None]:
+    """Fail instead of hanging (a FIFO read, a reader loop): 60 s per test at most.
+
+    Used by the hostile-input suites: `pytestmark = pytest.mark.usefixtures("watchdog")`.
+    """
+
+    def timeout(signum: int, frame: Any) -> None:
+        raise TimeoutError("a store reader hung")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

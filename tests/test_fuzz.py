@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,18 +44,7 @@ JSON = st.recursive(
 )
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    """Fail instead of hanging: no single test here may run for more than 60 s."""
-
-    def timeout(signum: int, frame: Any) -> None:
-        raise TimeoutError("a store reader hung")
-
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("watchdog")  # conftest: 60 s per test at most
 
 
 @pytest.fixture(scope="module", params=["float16", "float32"])

@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import time
 import warnings
 from collections.abc import Iterator
@@ -51,18 +50,7 @@ SETTINGS = settings(deadline=None, database=None, derandomize=True,
 CFG = logra.LoGraConfig(k_in=3, k_out=2, seed=1, modules=["fc*"])
 
 
-@pytest.fixture(autouse=True)
-def watchdog() -> Iterator[None]:
-    """Fail instead of hanging (a FIFO read, a reader loop): 60 s per test at most."""
-
-    def timeout(signum: int, frame: Any) -> None:
-        raise TimeoutError("a reader hung")
-
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("watchdog")  # conftest: 60 s per test at most
 
 
 def _log(path: Path, n: int = 7, cfg: logra.LoGraConfig = CFG, model: Any = None, **kw: Any) -> logra.GradientStore:
