@@ -13,6 +13,9 @@ ground truth (tasks.py). Candidates, each at several sizes:
   from a probe pass (statistics only, on the training set, k0 = 2,048 per side: every side of
   these models in full), at the D of uniform k = 16, 32, 64.
 - `budget, bfloat16`: twice those budgets in bfloat16 (the same bytes).
+- `low-rank factors, rank c` (LoRIF-style, arXiv 2601.21929): full-size per-example matrices
+  stored as a rank-c truncated SVD per layer, c·(k_in + k_out) float32 numbers per layer; here the
+  truncated rows are reconstructed and scored with logra's EK-FAC (see `lowrank_scores`).
 
 Horizontal references: logra EK-FAC without projection (identity projections, full size), and
 Kronfluence EK-FAC from results/accuracy_peers.json where `make bench-peers` measured it.
@@ -45,6 +48,7 @@ from torch import Tensor
 import logra
 from logra.capture.budget import allocate_k
 from logra.evaluation import linear_datamodeling_score
+from logra.store import StoreWriter
 
 UNIFORM_K = [16, 32, 64, 128]
 BF16_K = [32, 64, 90]
@@ -62,6 +66,37 @@ def probe_layer_k(w: peers.Workload, budget: int) -> dict[str, tuple[int, int]]:
 
 
 Candidate = tuple[str, int, bool, Callable[[str, int], dict[str, Tensor]], dict[str, Any]]
+LOWRANK_C = [1, 2, 4, 8]
+
+
+def truncated(rows: Tensor, layers: Any, c: int) -> Tensor:
+    """Rows [n, D] with each layer's (k_out, k_in) block replaced by its best rank-c approximation
+    U_c S_c V_cᵀ: what a store of c·(k_in + k_out) numbers per layer and example can hold."""
+    out = rows.clone()
+    for layer in layers:
+        cols = slice(layer.offset, layer.offset + layer.size)
+        g = rows[:, cols].reshape(-1, layer.k_out, layer.k_in).double()
+        u, sv, vh = torch.linalg.svd(g, full_matrices=False)
+        r = min(c, sv.shape[1])
+        out[:, cols] = ((u[:, :, :r] * sv[:, None, :r]) @ vh[:, :r]).reshape(len(rows), -1).to(rows.dtype)
+    return out
+
+
+def lowrank_scores(w: peers.Workload, c: int, root: str) -> dict[str, Tensor]:
+    """LoRIF-style storage, measured: full-size rows (identity projections) truncated to rank c per
+    layer and example, written as a store with the full pass's statistics; queries stay full size.
+    Scored with logra's KFAC / EK-FAC on the truncated rows (LoRIF itself fits its curvature by a
+    truncated SVD and the Woodbury identity; this measures what the rank-c rows keep)."""
+    cfg = peers.logra_config(w, accuracy.FULL, init="identity")
+    full_root = str(Path(root) / "full")
+    peers.logra_log(peers.fresh(w), cfg, full_root)
+    full = logra.GradientStore.open(full_root)
+    writer = StoreWriter(Path(root) / "rank", full.config, full.model_fingerprint, full.layers, len(full))
+    writer.append(list(full.ids), truncated(full.rows(), full.layers, c))
+    writer.close(full.statistics())
+    store = logra.GradientStore.open(Path(root) / "rank")
+    queries = peers.logra_query_rows(w, cfg)
+    return {m: peers.logra_score(store, peers.logra_fit(store, m), queries) for m in METHODS}
 
 
 def candidates(w: peers.Workload) -> list[Candidate]:
@@ -90,6 +125,8 @@ def candidates(w: peers.Workload) -> list[Candidate]:
         return go
 
     out += [("pca", k, False, pca(k), {"k": k, "init": "pca"}) for k in PCA_K]
+    out += [("low-rank factors, rank c", c, False, lambda root, seed, c=c: lowrank_scores(peers.fresh(w), c, root),
+             {"rank": c, "init": "identity"}) for c in LOWRANK_C]  # fmt: skip
     full = lambda root, seed: peers.logra_scores(peers.fresh(w), accuracy.FULL, ["ekfac"], root, init="identity")  # noqa: E731
     out.append(("logra, no projection", 0, False, full, {"init": "identity"}))
     if "lm_head" in w.logged:  # which layers are logged matters as much as how they are projected
@@ -100,6 +137,9 @@ def candidates(w: peers.Workload) -> list[Candidate]:
 
 
 def bytes_per_example(w: peers.Workload, config: dict[str, Any]) -> int:
+    if "rank" in config:  # float32 factors U (k_out x c) and V (k_in x c) per layer, at full size
+        with logra.GradientLogger(w.model, peers.logra_config(w, accuracy.FULL), statistics=False) as logger:
+            return sum(min(config["rank"], la.k_in, la.k_out) * (la.k_in + la.k_out) for la in logger.layers) * 4
     cfg = {k: v for k, v in config.items() if k != "k"}
     k = config.get("k", accuracy.FULL)
     dtype = logra.StorageDtype(cfg.get("dtype", "float32"))
@@ -174,7 +214,8 @@ def kronfluence_lines() -> dict[str, float]:
 
 
 COLORS = {"uniform k, float32": "#1f77b4", "uniform k, bfloat16": "#17becf", "pca": "#9467bd",
-          "budget, float32": "#d62728", "budget, bfloat16": "#ff7f0e"}  # fmt: skip
+          "budget, float32": "#d62728", "budget, bfloat16": "#ff7f0e",
+          "low-rank factors, rank c": "#2ca02c"}  # fmt: skip
 
 
 def plot_svg(payload: dict[str, Any], method: str = "ekfac") -> str:
@@ -241,10 +282,11 @@ def plot_svg(payload: dict[str, Any], method: str = "ekfac") -> str:
         parts.append("\n".join(g) + "</g>")
     legend = [f'<g transform="translate({L},{H + 4})">']
     for j, (label, color) in enumerate(COLORS.items()):
-        legend.append(f'<rect x="{j * 165}" y="0" width="10" height="10" fill="{color}"/>'
-                      f'<text x="{j * 165 + 14}" y="9" font-size="11">{label}</text>')
+        x, y = (j % 3) * 200, (j // 3) * 16
+        legend.append(f'<rect x="{x}" y="{y}" width="10" height="10" fill="{color}"/>'
+                      f'<text x="{x + 14}" y="{y + 9}" font-size="11">{label}</text>')
     legend.append("</g>")
-    width, height = W * max(1, len(names)), H + 22
+    width, height = W * max(1, len(names)), H + 38
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
             f'<rect width="100%" height="100%" fill="white"/>' + "\n".join(parts) + "".join(legend) + "</svg>\n")
 
