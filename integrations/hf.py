@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import inspect
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from logra import distributed
 from logra.capture import GradientLogger
@@ -43,8 +45,10 @@ from logra.curvature.fisher import FisherLabels, true_fisher_statistics
 from logra.curvature.moments import FisherStatistics
 from logra.curvature.precondition import PreconditionerMethod
 from logra.errors import CaptureError, ConfigError
+from logra.estimate import estimate_run
 from logra.losses import Task, TokenReduction, detect_task, hf_logits_fn, per_example_losses
 from logra.store import GradientStore
+from logra.streaming import is_stream, stream_batches
 from logra.types import ExampleId, normalize_ids, parse_enum
 
 
@@ -84,6 +88,51 @@ def dataset_ids(dataset: Any, id_column: str | None) -> list[ExampleId]:
     return out
 
 
+MODEL_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
+
+
+def tokenized_dataset(trainer: Any, dataset: Any, id_column: str | None, text_column: str | None = None) -> Any:
+    """`dataset` ready for the model: raw text tokenised with the Trainer's tokenizer, or refused.
+
+    A `datasets.Dataset` without model inputs (input_ids, ...) but with a text column (`text_column`,
+    else `text`, else its one string column other than the id) is tokenised with
+    `trainer.processing_class` (truncated to the tokenizer's max length; the text column removed).
+    Without a tokenizer or an unambiguous text column, ConfigError names the columns and the fix,
+    before anything is logged or written. Datasets without column names pass unchanged.
+    """
+    names = getattr(dataset, "column_names", None)
+    if names is None or (text_column is None and any(c in names for c in MODEL_INPUTS)):
+        return dataset
+    if text_column is not None and text_column not in names:
+        raise ConfigError(f"text_column={text_column!r} is not a column of the dataset; its columns are {names}.")
+    features = getattr(dataset, "features", {}) or {}
+    strings = ("string", "large_string")
+    texts = [c for c in names if c != id_column and getattr(features.get(c), "dtype", None) in strings]
+    column = text_column or ("text" if "text" in texts else texts[0] if len(texts) == 1 else None)
+    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    if column is None:
+        raise ConfigError(
+            f"the dataset has no model inputs ({', '.join(MODEL_INPUTS[:1])} ...) among its columns {names}"
+            + (f" and several text columns {texts}; pass text_column=... to log_trainer" if texts else
+               "; tokenise it first: dataset.map(lambda b: tokenizer(b['text'], truncation=True), batched=True)")
+            + "."
+        )  # fmt: skip
+    if tokenizer is None or not callable(tokenizer):
+        raise ConfigError(
+            f"the dataset holds raw text in column {column!r} (columns {names}) and no input_ids, and the Trainer has "
+            "no tokenizer to encode it: create it with Trainer(..., processing_class=tokenizer), or tokenise first: "
+            f"dataset = dataset.map(lambda b: tokenizer(b[{column!r}], truncation=True), batched=True, "
+            f"remove_columns=[{column!r}])."
+        )
+    try:
+        return dataset.map(lambda b: tokenizer(b[column], truncation=True), batched=True, remove_columns=[column])
+    except Exception as exc:
+        raise ConfigError(
+            f"tokenising column {column!r} with the Trainer's tokenizer failed ({type(exc).__name__}: {exc}); "
+            "tokenise the dataset yourself and pass it with input_ids."
+        ) from None
+
+
 def _model_columns(trainer: Any, model: nn.Module) -> set[str] | None:
     """The feature keys the Trainer would keep (None keeps all), as its `remove_unused_columns` does."""
     if not getattr(trainer.args, "remove_unused_columns", True):
@@ -93,9 +142,12 @@ def _model_columns(trainer: Any, model: nn.Module) -> set[str] | None:
 
 
 def _collate(trainer: Any, dataset: Any, indices: Sequence[int], columns: set[str] | None) -> dict[str, Any]:
+    return _collate_features(trainer, [dataset[int(i)] for i in indices], columns)
+
+
+def _collate_features(trainer: Any, features: list[Any], columns: set[str] | None) -> dict[str, Any]:
     from transformers import default_data_collator
 
-    features = [dataset[int(i)] for i in indices]
     if columns is not None:
         features = [{k: v for k, v in f.items() if k in columns} for f in features]
     collate = trainer.data_collator if trainer.data_collator is not None else default_data_collator
@@ -141,11 +193,12 @@ class _Pass:
 
 def _prepare(
     trainer: Any, dataset: Any, id_column: str | None, loss: Any, task: Any, token_reduction: Any,
-    mask_key: str | None, batch_size: int | None,
+    mask_key: str | None, batch_size: int | None, text_column: str | None = None,
 ) -> _Pass:  # fmt: skip
     dataset = trainer.train_dataset if dataset is None else dataset
     if dataset is None:
         raise ConfigError("the Trainer has no train_dataset; pass dataset=... to log.")
+    dataset = tokenized_dataset(trainer, dataset, id_column, text_column)
     mode = parse_enum(LossMode, loss, "loss")
     if mode is LossMode.AUTO:
         mode = LossMode.COMPUTE_LOSS if _loss_is_customised(trainer) else LossMode.PER_EXAMPLE
@@ -155,7 +208,8 @@ def _prepare(
     bs = batch_size if batch_size is not None else trainer.args.per_device_eval_batch_size
     if not isinstance(bs, int) or bs < 1:
         raise ConfigError(f"batch_size={bs!r} must be a positive int.")
-    return _Pass(trainer, dataset, dataset_ids(dataset, id_column), mode, task_,
+    ids = [] if is_stream(dataset) else dataset_ids(dataset, id_column)  # a stream's ids are read as it goes
+    return _Pass(trainer, dataset, ids, mode, task_,
                  parse_enum(TokenReduction, token_reduction, "token_reduction"), mask_key, bs)  # fmt: skip
 
 
@@ -173,11 +227,15 @@ def _plan(p: _Pass, indices: Sequence[int], n_total: int, world: int, fsdp: bool
     return batches
 
 
-def _run(p: _Pass, logger: GradientLogger, batches: Sequence[Sequence[int]], sink: list[Any] | None = None) -> None:
+def _run(
+    p: _Pass, logger: GradientLogger, batches: Sequence[Sequence[int]], sink: list[Any] | None = None,
+    progress: bool = False, desc: str = "logra",
+) -> None:  # fmt: skip
     """Log each batch of dataset indices through `logger`; the records go to `sink` when given."""
     model = logger.model
     columns = _model_columns(p.trainer, model)
-    with eval_mode(model):
+    total = sum(len(b) for b in batches)
+    with eval_mode(model), tqdm(total=total, desc=desc, unit="ex", disable=not progress) as bar:
         for batch in batches:
             inputs = _collate(p.trainer, p.dataset, batch, columns)
             mask = inputs.get(p.mask_key) if p.mask_key is not None else None
@@ -185,6 +243,28 @@ def _run(p: _Pass, logger: GradientLogger, batches: Sequence[Sequence[int]], sin
                 _batch_loss(p, model, inputs).backward()
             if sink is not None:
                 sink.append(rec)
+            bar.update(len(batch))
+
+
+def _run_stream(p: _Pass, logger: GradientLogger, id_column: str | None, progress: bool, desc: str) -> None:
+    """Log a dataset without a length (IterableDataset, `datasets` streaming) through `stream_batches`."""
+    model = logger.model
+    if _is_fsdp(model) and distributed.rank_world()[1] > 1:
+        raise ConfigError(
+            "a streamed dataset cannot be logged under FSDP with several processes: FSDP needs the same number of "
+            "batches on every rank, which a stream of unknown length cannot promise. Use a map-style dataset."
+        )
+    columns = _model_columns(p.trainer, model)
+    size = 1 if p.mode is LossMode.COMPUTE_LOSS else p.batch_size
+    if progress:
+        tqdm.write("[logra] estimate: " + estimate_run(logger, None).describe(), file=sys.stderr)
+    with eval_mode(model), tqdm(desc=desc, unit="ex", disable=not progress) as bar:
+        for ids, features in stream_batches(p.dataset, size, id_key=id_column, skip=logger.committed_ids):
+            inputs = _collate_features(p.trainer, features, columns)
+            mask = inputs.get(p.mask_key) if p.mask_key is not None else None
+            with logger.record(ids=ids, mask=mask, param_grads=False):
+                _batch_loss(p, model, inputs).backward()
+            bar.update(len(ids))
 
 
 def _batch_loss(p: _Pass, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
@@ -214,6 +294,9 @@ def log_trainer(
     mask_key: str | None = "attention_mask",
     shard_rows: int | None = None,
     statistics: bool = True,
+    progress: bool = True,
+    desc: str = "logra: logging",
+    text_column: str | None = None,
 ) -> GradientStore:
     """Log the projected per-example gradients of `dataset` (default: the train set) into `store`.
 
@@ -225,12 +308,25 @@ def log_trainer(
         batch_size: examples per forward (default `args.per_device_eval_batch_size`); rows do not depend on it.
         loss, task, token_reduction: how L_i is defined (module docstring).
         mask_key: the batch key of the (B, T) padding mask kept out of the statistics, or None.
+        text_column: raw text to tokenise with the Trainer's tokenizer (`tokenized_dataset`); found by
+            itself when the dataset has no input_ids and one text column.
+        progress: on rank 0, say the row width D, bytes per example and the store's projected
+            size first (`logra.estimate`), then show a tqdm bar (examples/s, time left) as `desc`.
 
     Returns the merged store, opened on every rank once all ranks have finished.
     """
-    p = _prepare(trainer, dataset, id_column, loss, task, token_reduction, mask_key, batch_size)
+    p = _prepare(trainer, dataset, id_column, loss, task, token_reduction, mask_key, batch_size, text_column)
     rank, world = distributed.rank_world()
     logger = distributed.open_logger(trainer.model, config, store, shard_rows=shard_rows, statistics=statistics)
+    if is_stream(p.dataset):
+        try:
+            _run_stream(p, logger, id_column, progress and rank == 0, desc)
+        except BaseException:
+            logger.close()
+            raise
+        streamed = distributed.finalize_store(logger)
+        assert streamed is not None  # a store path was given
+        return streamed
     try:
         share: Sequence[int] = distributed.split_range(len(p.dataset), rank, world)
         fsdp = _is_fsdp(logger.model)
@@ -238,7 +334,10 @@ def log_trainer(
             if fsdp and world > 1:
                 raise ConfigError("resuming a store under FSDP is not supported; log into a new directory.")
             share = [i for i in share if p.ids[i] not in logger.committed_ids]
-        _run(p, logger, _plan(p, share, len(p.dataset), world, fsdp))
+        show = progress and rank == 0
+        if show:
+            tqdm.write("[logra] estimate: " + estimate_run(logger, len(p.dataset)).describe(), file=sys.stderr)
+        _run(p, logger, _plan(p, share, len(p.dataset), world, fsdp), progress=show, desc=desc)
     except BaseException:
         logger.close()
         raise
@@ -265,6 +364,8 @@ def trainer_rows(
     with the config, layer table and model fingerprint they were logged with: pass the result
     itself to `Scorer` (or as `query_config=`), which checks it against the store.
     """
+    if is_stream(dataset):
+        raise ConfigError("trainer_rows keeps every row in memory; pass the queries as a map-style dataset.")
     p = _prepare(trainer, dataset, id_column, loss, task, token_reduction, mask_key, batch_size)
     logger = GradientLogger(distributed.unwrap_model(trainer.model), config, None, statistics=False)
     records: list[Any] = []

@@ -4,6 +4,11 @@
     trainer.add_callback(callback)
     trainer.train()
     result = tracin_scores("runs/tracin")       # Σ_c η_c · g_q(θ_c)ᵀ g_i(θ_c), [Q, N]
+    seeds = tracin_ensemble(["runs/seed0", "runs/seed1"])   # the mean over independent runs
+
+A checkpoint whose learning rate is 0 (the last step of a linear schedule) gets TracIn weight 0:
+its logging time is spent for nothing. The callback warns when it logs one and `tracin_scores`
+warns when it weighs one, naming it; log an earlier step, or pass learning_rates=False.
 
 At each chosen point the callback runs `log_trainer` on the training set (and on `query_dataset`,
 if given) with the model as it is right then, into `<output_dir>/<name>/train` (and `/query`),
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ from transformers import TrainerCallback
 from logra import distributed
 from logra.config import LoGraConfig
 from logra.curvature import PreconditionerMethod, fit_preconditioner
+from logra.ensemble import align, mean_scores
 from logra.errors import ConfigError, StoreError
 from logra.score import Normalization, Scorer
 from logra.store import GradientStore
@@ -132,6 +139,14 @@ class LoGraCallback(TrainerCallback):
         """Log the train (and query) set now, into `<output_dir>/<name>`; returns the record."""
         if any(c.name == name for c in self.checkpoints):
             return next(c for c in self.checkpoints if c.name == name)
+        if optimizer is not None and float(optimizer.param_groups[0]["lr"]) == 0.0:
+            warnings.warn(
+                f"checkpoint {name} (step {state.global_step}) has learning rate 0 (e.g. the end of a linear "
+                "schedule), so tracin_scores gives it weight 0 and logging it is wasted; log an earlier step, "
+                "or use tracin_scores(..., learning_rates=False). Logging it anyway.",
+                UserWarning,
+                stacklevel=2,
+            )
         start = time.perf_counter()
         root = self.output_dir / name
         log_trainer(self.trainer, self.config, root / "train", dataset=self.train_dataset, id_column=self.id_column,
@@ -197,15 +212,36 @@ def tracin_scores(
         scorer = Scorer(train, fit_preconditioner(train, method), normalization, compute_dtype=torch.float64)
         part = scorer.score(query)  # a query store: its config and model are checked against the train store
         weight = (c.learning_rate if c.learning_rate is not None else 1.0) if learning_rates else 1.0
+        if learning_rates and weight == 0.0:
+            warnings.warn(
+                f"checkpoint {c.name} (step {c.step}) of {output_dir} has learning rate 0, so it adds nothing to the "
+                f"TracIn sum (its logging took {c.seconds:.0f} s); log an earlier step instead, or pass "
+                "learning_rates=False to weigh every checkpoint equally.",
+                UserWarning,
+                stacklevel=2,
+            )
         if total is None:
             total, train_ids, query_ids = weight * part.to(torch.float64), list(train.ids), list(query.ids)
             continue
-        col = {i: j for j, i in enumerate(train.ids)}
-        row = {i: j for j, i in enumerate(query.ids)}
-        if set(col) != set(train_ids) or set(row) != set(query_ids):
-            raise ConfigError(f"checkpoint {c.name} logged other examples than {checkpoints[0].name}; cannot sum.")
-        part = part[[row[i] for i in query_ids]][:, [col[i] for i in train_ids]]
+        part = align(part, list(query.ids), list(train.ids), query_ids, train_ids, f"checkpoint {c.name}")
         total = total + weight * part.to(torch.float64)
     if total is None:
         raise ConfigError(f"{output_dir} lists no checkpoints.")
     return TracInScores(total, train_ids, query_ids)
+
+
+def tracin_ensemble(
+    output_dirs: Iterable[str | os.PathLike[str]],
+    weights: Iterable[float] | None = None,
+    **tracin: Any,
+) -> TracInScores:
+    """The mean (or weighted mean) of `tracin_scores` over several runs, e.g. seeds, as TRAK ensembles.
+
+    Each directory is one `LoGraCallback` run on the same training and query examples; rows and
+    columns are aligned by id to the first run. `tracin` is passed to `tracin_scores`.
+    """
+    dirs = [Path(d) for d in output_dirs]
+    runs = [tracin_scores(d, **tracin) for d in dirs]
+    members = [(r.scores, r.query_ids, r.train_ids) for r in runs]
+    result = mean_scores(members, None if weights is None else list(weights), [f"the run in {d}" for d in dirs])
+    return TracInScores(result.scores, result.train_ids, result.query_ids)

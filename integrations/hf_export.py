@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,7 +24,7 @@ from .hf import dataset_ids
 
 def add_scores_column(
     dataset: Any,
-    scores: Tensor,
+    scores: Tensor | np.ndarray,
     ids: Sequence[ExampleId],
     *,
     id_column: str | None = None,
@@ -33,15 +34,26 @@ def add_scores_column(
 
     Args:
         dataset: a `datasets.Dataset` (the one that was logged).
-        scores: [N] one score per store row, e.g. `scores[q]` for query q, or self-influence.
+        scores: [N] one score per store row (a tensor or a numpy array), e.g. `scores[q]` for query q
+            (also a row of the matrix `logra score --matrix` writes), or self-influence.
         ids: the N store ids of `scores` (`store.ids`).
         id_column: the dataset's id column as used for logging; None for row indices.
 
     Rows of `dataset` that are not in the store (e.g. skipped for NaN) get None.
     """
+    if isinstance(scores, np.ndarray) and scores.dtype.kind in "fiu":
+        scores = torch.from_numpy(np.ascontiguousarray(scores))  # a row of a score matrix (np.load) works too
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.shape[0] != len(ids):
-        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ConfigError(f"scores of shape {shape} must be [N={len(ids)}], one per id; pick one query: scores[q].")
+        if isinstance(scores, Tensor):
+            what = f"scores of shape {tuple(scores.shape)}"
+        elif isinstance(scores, np.ndarray):
+            what = f"a numpy array of dtype {scores.dtype} and shape {scores.shape}"
+        else:
+            what = f"scores of type {type(scores).__name__}"
+        raise ConfigError(
+            f"{what}: scores must be a float tensor or numpy array of shape [N={len(ids)}], one per id; pick one "
+            "query: scores[q]."
+        )
     if name in dataset.column_names:
         raise ConfigError(f"the dataset already has a column {name!r}; pass another name=.")
     position = {i: j for j, i in enumerate(ids)}

@@ -13,6 +13,7 @@ from logra.curvature.fisher import FisherLabels, sampled_cross_entropy, true_fis
 from logra.curvature.moments import FisherKind, FisherStatistics
 from logra.curvature.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner
 from logra.curvature.saved import load_preconditioner
+from logra.ensemble import EnsembleScores, ensemble_scores
 from logra.errors import (
     CaptureError,
     ConfigError,
@@ -22,8 +23,11 @@ from logra.errors import (
     StoreCorruptedError,
     StoreError,
 )
+from logra.index import InfluenceIndex
 from logra.score import Normalization, Scorer, TopK
 from logra.store.reader import GradientStore
+from logra.streaming import stream_batches
+from logra.tokens import TokenAttributor, TokenRecord
 from logra.types import KroneckerStatistics, LayerInfo
 
 __version__ = "0.1.0"
@@ -32,8 +36,10 @@ __all__ = [
     "CaptureError",
     "ConfigError",
     "DuplicateIdError",
+    "EnsembleScores",
     "GradientLogger",
     "GradientStore",
+    "InfluenceIndex",
     "KroneckerStatistics",
     "LayerAdapter",
     "LayerInfo",
@@ -55,10 +61,14 @@ __all__ = [
     "Preconditioner",
     "PreconditionerMethod",
     "Scorer",
+    "TokenAttributor",
+    "TokenRecord",
     "TopK",
+    "ensemble_scores",
     "evaluation",
     "fit_preconditioner",
     "load_preconditioner",
     "sampled_cross_entropy",
+    "stream_batches",
     "true_fisher_statistics",
 ]

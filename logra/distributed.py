@@ -14,7 +14,9 @@ layer table and a hash of every projection matrix, and raises `ConfigError` nami
 fields that disagree. Scoring splits the store's shards into contiguous, row-balanced ranges, one
 per rank; the score columns are gathered (or the per-rank top-k merged) in store row order, so the
 result is the same as on one process. Without an initialised process group every function acts
-as a single process (rank 0 of 1).
+as a single process (rank 0 of 1), except that a launcher's WORLD_SIZE > 1 without a group is an
+error; `init_from_env` initialises the group a launcher describes. A plain `GradientLogger` with a
+store takes its rank from the group too, and merges the store when its `with` block ends.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from logra.config import LoGraConfig
 from logra.curvature.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner
 from logra.curvature.saved import load_preconditioner
 from logra.errors import ConfigError, StoreError
-from logra.score import Scorer, TopK
+from logra.score import Queries, Scorer, TopK
 from logra.store.manifest import rank_manifest_name, read_manifest
 from logra.store.merge import merge_rank_manifests
 from logra.store.reader import GradientStore
@@ -52,11 +54,50 @@ def is_distributed(group: Group = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def launched_world() -> int:
+    """The process count a launcher (torchrun, `accelerate launch`) announced in WORLD_SIZE; 1 without one."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw!r} is not an integer; unset it or launch with torchrun.") from None
+
+
 def rank_world(group: Group = None) -> tuple[int, int]:
-    """(rank, world_size) of this process; (0, 1) without an initialised process group."""
+    """(rank, world_size) of this process; (0, 1) without an initialised process group.
+
+    Raises ConfigError when a launcher started several processes (WORLD_SIZE > 1) but no process
+    group is initialised: every process would otherwise log as rank 0 of 1.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
+    world = launched_world()
+    if world > 1:
+        raise ConfigError(
+            f"this process was launched as one of WORLD_SIZE={world} processes (RANK={os.environ.get('RANK')}, "
+            "set by torchrun or accelerate launch), but no torch.distributed process group is initialised, so "
+            "every process would log as rank 0 of 1. Call logra.distributed.init_from_env() (or "
+            "torch.distributed.init_process_group('gloo' on CPUs, 'nccl' on GPUs)) before logging, or run one process."
+        )
     return 0, 1
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from a launcher's environment; returns (rank, world).
+
+    Under torchrun or `accelerate launch` (WORLD_SIZE > 1) with no process group yet, this calls
+    `torch.distributed.init_process_group(backend)`: `backend` defaults to NCCL when CUDA is
+    available (binding the process to cuda:LOCAL_RANK) and gloo otherwise. With a group already
+    initialised, or without a launcher, it changes nothing.
+    """
+    if (dist.is_available() and dist.is_initialized()) or launched_world() == 1:
+        return rank_world()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return rank_world()
 
 
 def barrier(group: Group = None) -> None:
@@ -356,6 +397,16 @@ def shared_preconditioner(
     return load_preconditioner(directory)
 
 
+def _query_count(queries: Queries) -> int:
+    """Q, the number of query rows (a Tensor, a query GradientStore, a Record or QueryRows)."""
+    if isinstance(queries, GradientStore):
+        return len(queries)
+    rows = queries if isinstance(queries, Tensor) else queries.rows
+    if rows is None:
+        raise ConfigError("the query Record has no rows yet; score it after its record() block has exited.")
+    return int(rows.shape[0])
+
+
 class DistributedScorer:
     """A `Scorer` whose training rows are split across ranks; results are gathered on every rank.
 
@@ -382,7 +433,11 @@ class DistributedScorer:
         self.local, self.first_row = shard_view(store, self.shards)
         self.scorer = Scorer(self.local, preconditioner, normalization, chunk_rows, **scorer_kwargs)
 
-    def score(self, query_rows: Tensor) -> Tensor:
+    def provenance(self, query_rows: Any = None) -> dict[str, str]:
+        """`Scorer.provenance` of the whole store (not of this rank's shards)."""
+        return {**self.scorer.provenance(query_rows), "store": self.store.fingerprint}
+
+    def score(self, query_rows: Queries) -> Tensor:
         """[Q, N] scores of every query against every training row, on every rank."""
         return gather_columns(self.scorer.score(query_rows), self.group)
 
@@ -390,12 +445,12 @@ class DistributedScorer:
         """[N] self-influence of every training row, on every rank."""
         return gather_columns(self.scorer.self_influence()[None, :], self.group)[0]
 
-    def top_k(self, query_rows: Tensor, k: int = 10) -> TopK:
+    def top_k(self, query_rows: Queries, k: int = 10) -> TopK:
         """The k most helpful and most harmful training rows per query: per-rank top-k, merged."""
         n = len(self.store)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             raise ConfigError(f"k={k!r} must be an int between 1 and the store's {n} rows.")
-        Q = query_rows.shape[0]
+        Q = _query_count(query_rows)
         k_local = min(k, len(self.local))
         local = self.scorer.top_k(query_rows, k_local) if k_local else None
         merged = []

@@ -3,7 +3,12 @@
 One file, no network assets, no scripts: inline CSS and inline SVG only, so it opens anywhere
 and can be mailed around. For each query it shows the query text, a histogram of its scores over
 every training example (with the k most helpful and most harmful marked), bars for those top
-examples, and their texts with the words they share with the query highlighted.
+examples, and their texts. Where per-token shares are given (`ReportDocument.tokens`, from
+`logra.tokens`; `logra report --tokens`), every token of a document is coloured by its signed
+share of the score: green where it raises the score, red where it lowers it, the stronger the
+larger |share| is relative to the document's largest; `ReportDocument.query_tokens` colours
+the query's tokens by the part of this document's score each one carries. Without shares the
+texts are shown plain.
 
     queries = logra.report.build_queries(scores, query_ids, query_texts, train_ids, train_texts, k=5)
     logra.report.write_report("report.html", queries, title="...", settings={"model": "..."})
@@ -18,7 +23,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,22 +35,29 @@ from logra.store.files import write_atomic
 from logra.types import ExampleId
 
 HIST_BINS = 40
-_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]{2,}")
-_STOP = frozenset(
-    "the and for are was were has have had not but with that this from they their there been will would "
-    "which who what when where said says also its into than then them these those more most such about "
-    "after over under other some any all can could may might one two new his her she him our out you "
-    "your per via yet very just only being did does doing because while during before again further".split()
-)
+TokenPieces = tuple[tuple[str, float], ...]
+"""(text piece, signed share) per token, in order: the pieces concatenate to the text the model saw."""
 
 
 @dataclass(frozen=True)
 class ReportDocument:
-    """One training example as shown in the report."""
+    """One training example as shown in the report.
+
+    tokens: its tokens with their shares of `score` (they sum to it), or None.
+    query_tokens: the query's tokens with their shares of `score`, or None.
+    fraction: `score` / the query's largest |score| over all training examples (1 for the strongest).
+    percentile: the share (0-100) of all training examples' scores for this query that are <= `score`.
+    metadata: the example's other columns (title, source, label, ...), shown beside it.
+    """
 
     id: ExampleId
     text: str
     score: float
+    tokens: TokenPieces | None = None
+    query_tokens: TokenPieces | None = None
+    fraction: float | None = None
+    percentile: float | None = None
+    metadata: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,12 +80,16 @@ def build_queries(
     train_texts: Mapping[ExampleId, str],
     k: int = 5,
     query_prompts: Sequence[str | None] | None = None,
+    train_metadata: Mapping[ExampleId, Mapping[str, object]] | None = None,
 ) -> list[ReportQuery]:
     """Pick each query's k most helpful (largest) and k most harmful (smallest) training examples.
 
     Args:
         scores: [Q, N] influence scores (rows follow `query_ids`, columns `train_ids`).
         train_texts: the text of each training id (ids missing here are shown as "(text not given)").
+        train_metadata: other columns of each training id, shown beside its text.
+
+    Each document carries its score's scale within its query (`ReportDocument.fraction`, `.percentile`).
     """
     scores = np.asarray(scores, dtype=np.float64)
     Q = len(query_ids)
@@ -91,11 +106,20 @@ def build_queries(
     for q in range(Q):
         order = np.argsort(-scores[q], kind="stable")
 
-        def docs(rows: np.ndarray, q: int = q) -> list[ReportDocument]:
-            return [
-                ReportDocument(train_ids[j], train_texts.get(train_ids[j], "(text not given)"), float(scores[q, j]))
-                for j in rows
-            ]
+        row = scores[q]
+        finite = np.sort(row[np.isfinite(row)])
+        top = float(np.abs(finite).max()) if finite.size else 0.0
+
+        def docs(rows: np.ndarray, q: int = q, finite: np.ndarray = finite, top: float = top) -> list[ReportDocument]:
+            out = []
+            for j in rows:
+                v, tid = float(scores[q, j]), train_ids[j]
+                fraction = v / top if top > 0 and math.isfinite(v) else None
+                pct = 100.0 * np.searchsorted(finite, v, side="right") / finite.size if finite.size else None
+                meta = train_metadata.get(tid) if train_metadata is not None else None
+                out.append(ReportDocument(tid, train_texts.get(tid, "(text not given)"), v, fraction=fraction,
+                                          percentile=None if pct is None else float(pct), metadata=meta))  # fmt: skip
+            return out
 
         prompt = query_prompts[q] if query_prompts is not None else None
         out.append(ReportQuery(query_ids[q], query_texts[q], prompt, scores[q], docs(order[:k]), docs(order[::-1][:k])))
@@ -106,20 +130,21 @@ def build_queries(
 # Text.
 
 
-def keywords(text: str) -> set[str]:
-    """Lower-cased content words (3+ letters, not a stop word) of `text`."""
-    return {w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP}
+def tokens_html(pieces: TokenPieces) -> str:
+    """Escaped HTML of the token pieces, each a <span> coloured by its signed share.
 
-
-def highlight(text: str, words: set[str]) -> str:
-    """`text` as escaped HTML with every word in `words` (lower-case) wrapped in <mark>."""
-    parts, last = [], 0
-    for m in _WORD.finditer(text):
-        if m.group(0).lower() in words:
-            parts.append(html.escape(text[last : m.start()]))
-            parts.append(f"<mark>{html.escape(m.group(0))}</mark>")
-            last = m.end()
-    parts.append(html.escape(text[last:]))
+    Green for a positive share, red for a negative one, opacity |share| / max |share| of the
+    pieces; each span carries `data-share` and a tooltip with the value.
+    """
+    top = max((abs(v) for _, v in pieces if math.isfinite(v)), default=0.0)
+    parts = []
+    for text, value in pieces:
+        frac = min(abs(value) / top, 1.0) if top > 0 and math.isfinite(value) else 0.0
+        rgb = "46,157,87" if value >= 0 else "210,69,61"
+        parts.append(
+            f'<span class="tok" data-share="{value:.6g}" title="{value:+.3g}" '
+            f'style="background:rgba({rgb},{0.75 * frac:.2f})">{html.escape(text)}</span>'
+        )
     return "".join(parts)
 
 
@@ -223,25 +248,69 @@ svg line.pos{stroke:#2e9d57;stroke-width:2} svg line.neg{stroke:#d2453d;stroke-w
 .cols{display:grid;grid-template-columns:1fr 1fr;gap:1rem} @media(max-width:800px){.cols{grid-template-columns:1fr}}
 ol.docs{padding-left:1.3rem;margin:.3rem 0} ol.docs li{margin:.45rem 0;font-size:.88rem;line-height:1.35}
 .score{font-variant-numeric:tabular-nums;font-weight:600} .pos .score{color:#1f7a40} .neg .score{color:#b3261e}
-.id{color:#666;font-size:.8rem} mark{background:#ffe58a;padding:0 1px;border-radius:2px}
+.id{color:#666;font-size:.8rem} .tokens{white-space:pre-wrap} .tok{border-radius:2px}
 details summary{cursor:pointer;color:#555;font-size:.8rem} .note{font-size:.8rem;color:#666}
+.scale{color:#555;font-size:.78rem}
+.meta{color:#555;font-size:.78rem;background:#f3f3f3;border-radius:3px;padding:0 .3rem}
+.explain{margin:.2rem 0 .6rem;max-width:60rem}
 """
 
 
-def _doc_items(docs: Sequence[ReportDocument], words: set[str]) -> str:
+def _doc_items(docs: Sequence[ReportDocument]) -> str:
     items = []
     for d in docs:
-        short = _snippet(d.text)
-        full = "" if short == d.text else f"<details><summary>full text</summary>{highlight(d.text, words)}</details>"
+        if d.tokens is not None:
+            body = f'<span class="tokens">{tokens_html(d.tokens)}</span>'
+        else:
+            short = _snippet(d.text)
+            full = "" if short == d.text else f"<details><summary>full text</summary>{html.escape(d.text)}</details>"
+            body = html.escape(short) + full
+        if d.query_tokens is not None:
+            body += (
+                "<details><summary>query tokens this document explains</summary>"
+                f'<span class="tokens">{tokens_html(d.query_tokens)}</span></details>'
+            )
         items.append(
-            f'<li><span class="score">{_fmt(d.score)}</span> <span class="id">[{html.escape(str(d.id))}]</span> '
-            f"{highlight(short, words)}{full}</li>"
+            f'<li><span class="score">{_fmt(d.score)}</span>{_scale_html(d)} '
+            f'<span class="id">[{html.escape(str(d.id))}]</span>{_metadata_html(d)} {body}</li>'
         )
     return "".join(items)
 
 
+def _scale_html(d: ReportDocument) -> str:
+    """' 0.83 of top · 99th pct': the score against its query's scale, when known."""
+    parts = []
+    if d.fraction is not None:
+        parts.append(f"{d.fraction:.2f} of top")
+    if d.percentile is not None:
+        parts.append(f"{_ordinal(d.percentile)} pct")
+    return f' <span class="scale">{" · ".join(parts)}</span>' if parts else ""
+
+
+def _ordinal(p: float) -> str:
+    """99.5 -> '99.5th', 1 -> '1st', 0 -> '0th'."""
+    r = round(p, 1)
+    if r != int(r):
+        return f"{r:.1f}th"
+    n = int(r)
+    return f"{n}" + ("th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th"))
+
+
+def _metadata_html(d: ReportDocument) -> str:
+    if not d.metadata:
+        return ""
+    cells = " ".join(f"<b>{html.escape(str(k))}</b>: {html.escape(str(v)[:80])}" for k, v in d.metadata.items())
+    return f' <span class="meta">{cells}</span>'
+
+
+SCALE_SENTENCE = (
+    "Each score is the change in the query's loss predicted from up-weighting that training example (positive: "
+    "training on it lowers the loss), shown beside its fraction of the query's largest |score| and its percentile "
+    "among the scores of all training examples for that query, so that sizes compare within and across queries."
+)
+
+
 def _query_section(i: int, q: ReportQuery) -> str:
-    words = keywords(q.text) | (keywords(q.prompt) if q.prompt else set())
     prompt = f"<b>{html.escape(q.prompt)}</b>" if q.prompt else ""
     scale = max([abs(d.score) for d in q.helpful + q.harmful if math.isfinite(d.score)] or [1.0])
     k = len(q.helpful)
@@ -255,8 +324,8 @@ and harmful (red).</figcaption></figure>
 <figure>{bars_svg(q.helpful + q.harmful, scale)}<figcaption>Top {k} helpful and harmful scores.</figcaption></figure>
 </div>
 <div class="cols">
-<div class="pos"><h3>Most helpful</h3><ol class="docs">{_doc_items(q.helpful, words)}</ol></div>
-<div class="neg"><h3>Most harmful</h3><ol class="docs">{_doc_items(q.harmful, words)}</ol></div>
+<div class="pos"><h3>Most helpful</h3><ol class="docs">{_doc_items(q.helpful)}</ol></div>
+<div class="neg"><h3>Most harmful</h3><ol class="docs">{_doc_items(q.harmful)}</ol></div>
 </div>
 </section>"""
 
@@ -274,9 +343,11 @@ def render_html(
 <title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
+<p class="explain">{html.escape(SCALE_SENTENCE)}</p>
 <p class="sub">Which training examples made the model say what it said. A positive score means training on the
-example lowers the query's loss (helpful); a negative score raises it (harmful). Words a document shares with
-the query are <mark>highlighted</mark>.</p>
+example lowers the query's loss (helpful); a negative score raises it (harmful). Where per-token shares were
+computed, each token is coloured by its share of the score: <span class="tok" style="background:rgba(46,157,87,.6)">
+raises it</span>, <span class="tok" style="background:rgba(210,69,61,.6)">lowers it</span>.</p>
 <table class="settings">{rows}</table>
 {body}
 <p class="note">Written by logra. Self-contained: no scripts, no network resources.</p>
@@ -306,6 +377,9 @@ def format_summary(queries: Sequence[ReportQuery], width: int = 100, show: int =
         for label, docs in (("helpful", q.helpful), ("harmful", q.harmful)):
             lines.append(f"  most {label}:")
             for d in docs[:show]:
-                lines.append(f"    {d.score:+.3g}  [{d.id}] " + textwrap.shorten(d.text, width - 24, placeholder=" …"))
+                scale = f" ({d.fraction:+.2f} of top, {_ordinal(d.percentile)} pct)" if d.fraction is not None and \
+                    d.percentile is not None else ""  # fmt: skip
+                lines.append(f"    {d.score:+.3g}{scale}  [{d.id}] " + textwrap.shorten(d.text, width - 24,
+                                                                                   placeholder=" …"))  # fmt: skip
         lines.append("")
     return "\n".join(lines)

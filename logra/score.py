@@ -240,6 +240,22 @@ class Scorer:
         helpful, harmful = ([[ids[j] for j in r] for r in x.tolist()] for x in (hi, li))
         return TopK(helpful, hv, harmful, lv, hi, li)
 
+    def checked_queries(self, query_rows: Queries) -> Tensor:
+        """The query rows [Q, D] as float64, after the checks every score makes (config, shape, finite)."""
+        self._prepare(query_rows)
+        return _rows_of(query_rows)[0].detach().to("cpu", torch.float64)
+
+    def score_rows(self, query_rows: Queries, rows: Tensor) -> Tensor:
+        """Exact scores [Q, m] of the queries against the training rows at indices `rows` [m].
+
+        The same normalisation as `score`: equal to `score(query_rows)[:, rows]` up to rounding.
+        """
+        q = self._prepare(query_rows)
+        chunk = self.store.take(rows).to(device=self.device, dtype=self.compute_dtype)
+        need_scale = self.normalization is not Normalization.DOT
+        col_scale = _inverse_sqrt(self._self_influence(chunk)) if need_scale else None
+        return self._normalize(q.pre @ chunk.T, q.scale, col_scale).cpu()
+
     def self_influence(self) -> Tensor:
         """g_iᵀ H⁻¹ g_i for every training row: [N] (not normalised), in the compute dtype."""
         out = torch.empty(len(self.store), dtype=self.compute_dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -337,6 +338,39 @@ def test_report_and_verify(env: dict[str, Path], tmp_path: Path, capsys: pytest.
     shard.write_bytes(bytes(data))
     assert main(["verify", str(store_dir)]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
+
+
+def test_report_tokens_shares_sum_to_the_matrix_scores(
+    env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store_dir, matrix = tmp_path / "s", tmp_path / "m.npy"
+    assert _log(env, store_dir) == 0
+    assert main(["fit", str(store_dir), "--method", "ekfac"]) == 0
+    query = ["--queries", str(env["queries"]), "--prompt-field", "prompt", "--id-field", "qid"]
+    score = ["score", "--store", str(store_dir), *query, "--method", "ekfac", "--normalization", "relative"]
+    assert main([*score, "--matrix", str(matrix)]) == 0
+    assert main(["report", "--scores", str(matrix), "--out", str(tmp_path / "r.html"), "--top-k", "2", "--tokens"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    scores = np.load(matrix)
+    store = GradientStore.open(store_dir)
+    sections = page.split('<section class="query"')[1:]
+    assert len(sections) == 3
+    checked = 0
+    for q, section in enumerate(sections):
+        for item in re.findall(r"<li>(.*?)</li>", section, flags=re.S):
+            doc = re.search(r'class="id">\[([^\]]+)\]', item).group(1)
+            own, _, explained = item.partition("query tokens this document explains")
+            expected = scores[q, store.ids.index(doc)]
+            for part in (own, explained):
+                shares = [float(v) for v in re.findall(r'data-share="([^"]+)"', part)]
+                assert shares and abs(sum(shares) - expected) <= 1e-3 * np.abs(scores[q]).max()
+            checked += 1
+    assert checked == 3 * 4
+    # A matrix scored with a damping the report cannot recompute is refused, not coloured wrongly.
+    assert main([*score, "--damping", "1e-9", "--matrix", str(matrix)]) == 0
+    capsys.readouterr()
+    assert main(["report", "--scores", str(matrix), "--out", str(tmp_path / "x.html"), "--tokens"]) == 2
+    assert "token shares of document" in capsys.readouterr().err
 
 
 def test_errors_exit_2_with_a_clear_message(

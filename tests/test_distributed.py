@@ -8,12 +8,7 @@ every score with a single-process run computed here.
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -30,6 +25,7 @@ from logra.store import merge_rank_manifests
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
 import common  # noqa: E402
+from _launch import free_port, launch  # noqa: E402
 
 REL = 1e-10
 
@@ -189,6 +185,25 @@ def test_single_process_fallbacks(tmp_path: Path) -> None:
     assert_same_contents(logra.GradientStore.open(tmp_path / "d"), store)
 
 
+def test_launcher_without_a_process_group_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's variables but no initialised group: every entry point says so instead of logging as rank 0."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2 processes \(RANK=1.*init_from_env"):
+        distributed.rank_world()
+    with pytest.raises(ConfigError, match="no torch.distributed process group is initialised"):
+        logra.GradientLogger(common.model(), common.CONFIG, tmp_path / "s")
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+    logra.GradientLogger(common.model(), common.CONFIG).close()  # in memory: no rank needed
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init_from_env() == (0, 1) and not distributed.is_distributed()
+
+
+def test_rank_without_world_size_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pass both"):
+        logra.GradientLogger(common.model(), common.CONFIG, tmp_path / "s", rank=1)
+
+
 def test_distributed_scorer_on_one_process_equals_scorer(tmp_path: Path) -> None:
     store = _reference_store(tmp_path / "ref", [range(i, min(i + 2, 11)) for i in range(0, 11, 2)])
     queries = common.query_rows(common.model())
@@ -226,27 +241,11 @@ def test_unwrap_model_and_projection_digest() -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# gloo on this CPU build now and then aborts a rank at process teardown with this C++ message (a
-# joinable std::thread destroyed); it is not a result of the test. Such a launch is run once more;
-# any other failure, or the same one twice, fails the test.
-GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+    return free_port()
 
 
 def _launch(args: list[str], out: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPTS), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(args + [str(out)], env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0 and GLOO_TEARDOWN_ABORT in proc.stderr:
-        warnings.warn(f"{args[:4]}: a rank aborted ({GLOO_TEARDOWN_ABORT!r}); launching once more", stacklevel=2)
-        shutil.rmtree(out)  # start from nothing: no store or result of the aborted launch is reused
-        out.mkdir()
-        proc = subprocess.run(args + [str(out)], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"{args[:4]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    launch(args, out)
 
 
 def test_launch_retries_only_a_gloo_teardown_abort(tmp_path: Path) -> None:
@@ -300,7 +299,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> logra.GradientStore:
 
 @pytest.mark.subprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["plain", "ddp", "fsdp", "hf"])
+@pytest.mark.parametrize("name", ["plain", "default", "ddp", "fsdp", "hf"])
 def test_torchrun_store_equals_one_process(torchrun_out: Path, reference: logra.GradientStore, name: str) -> None:
     store = logra.GradientStore.open(torchrun_out / name)
     store.verify()

@@ -28,7 +28,12 @@ from models import VOCAB, weight_out_in  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification, Trainer, TrainerCallback  # noqa: E402
 
 from logra.integrations.hf import detect_task, log_trainer, trainer_rows  # noqa: E402
-from logra.integrations.hf_callback import LoGraCallback, read_checkpoints, tracin_scores  # noqa: E402
+from logra.integrations.hf_callback import (  # noqa: E402
+    LoGraCallback,
+    read_checkpoints,
+    tracin_ensemble,
+    tracin_scores,
+)
 from logra.integrations.hf_export import add_scores_column, save_parquet, scores_table, top_k_table  # noqa: E402
 
 REL = 1e-10
@@ -360,6 +365,24 @@ def test_callback_logs_checkpoints_without_changing_training(tmp_path: Path) -> 
     assert torch.allclose(result.scores, total, rtol=1e-9, atol=1e-9 * total.abs().max().item())
 
 
+def test_zero_learning_rate_checkpoint_warns_and_runs_ensemble(tmp_path: Path) -> None:
+    """The last step of a linear schedule has lr 0: named at logging and at scoring; ensembles average runs."""
+    queries = common.hf_dataset().select([1, 4])
+    with pytest.warns(UserWarning, match=r"checkpoint step-000004 \(step 4\) has learning rate 0"):
+        _train(tmp_path / "a", [
+            lambda t: LoGraCallback(t, common.CONFIG, tmp_path / "run", steps=[2, 4], query_dataset=queries,
+                                    id_column="uid", query_id_column="uid", token_reduction="sum"),
+        ])  # fmt: skip
+    assert [c.learning_rate for c in read_checkpoints(tmp_path / "run")] == [pytest.approx(0.025), 0.0]
+    with pytest.warns(UserWarning, match="step-000004 .* adds nothing to the TracIn sum"):
+        weighted = tracin_scores(tmp_path / "run")
+    plain = tracin_scores(tmp_path / "run", learning_rates=False)  # no warning: every checkpoint weighs 1
+    assert not torch.allclose(weighted.scores * 40, plain.scores)  # the lr-0 checkpoint counts only in `plain`
+    both = tracin_ensemble([tmp_path / "run", tmp_path / "run"], weights=[1.0, 3.0], learning_rates=False)
+    torch.testing.assert_close(both.scores, plain.scores, rtol=1e-12, atol=0.0)
+    assert both.train_ids == plain.train_ids and both.query_ids == ["t01", "t04"]
+
+
 def test_callback_needs_a_schedule(tmp_path: Path) -> None:
     trainer = common.hf_trainer(common.model(), tmp_path, common.hf_dataset())
     with pytest.raises(ConfigError, match="logs nothing"):
@@ -387,6 +410,10 @@ def test_scores_join_back_by_id_and_export_to_parquet(tmp_path: Path) -> None:
     assert joined["influence_t03"] == [by_id[i] for i in shuffled["uid"]]
     with pytest.raises(ConfigError, match="id_column"):
         add_scores_column(shuffled, scores[1], store.ids)  # row indices are not the logged ids
+    from_numpy = add_scores_column(shuffled, scores.numpy()[1], store.ids, id_column="uid", name="influence_np")
+    assert from_numpy["influence_np"] == joined["influence_t03"]  # a numpy row (np.load of a matrix) joins the same
+    with pytest.raises(ConfigError, match=r"scores of shape \(2, 11\): scores must be a float tensor or numpy"):
+        add_scores_column(shuffled, scores.numpy(), store.ids, id_column="uid")
 
     table = scores_table(scores, store.ids, queries.ids)
     save_parquet(table, tmp_path / "scores.parquet")

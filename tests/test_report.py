@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from logra.errors import ConfigError
-from logra.report import build_queries, format_summary, highlight, histogram_svg, render_html, write_report
+from logra.report import build_queries, format_summary, histogram_svg, render_html, tokens_html, write_report
 
 TRAIN_TEXTS = {
     "fire": "Bushfires burn near Sydney as firefighters battle the blaze.",
@@ -78,13 +79,21 @@ def test_page_is_self_contained_and_escaped(tmp_path: Path) -> None:
     assert all((float(v) >= 0) == (c == "pos") for c, v in bars)
 
 
-def test_highlight_marks_shared_words_only() -> None:
-    out = highlight("Bushfire near Sydney; the bushfire spreads <fast>", {"bushfire", "fast"})
-    assert out == "<mark>Bushfire</mark> near Sydney; the <mark>bushfire</mark> spreads &lt;<mark>fast</mark>&gt;"
+def test_tokens_are_coloured_by_signed_share_and_escaped() -> None:
+    out = tokens_html((("<Bush", 2.0), ("fire", -1.0), (" the", 0.0)))
+    spans = re.findall(r'data-share="([^"]+)"[^>]*style="background:rgba\(([\d,]+),([\d.]+)\)">([^<]*)<', out)
+    assert spans == [
+        ("2", "46,157,87", "0.75", "&lt;Bush"),
+        ("-1", "210,69,61", "0.38", "fire"),
+        ("0", "46,157,87", "0.00", " the"),
+    ]
     _, built = _queries()
-    page = render_html(built)
-    assert "<mark>firefighters</mark>" in page  # shared between query 1 and the 'fire' document
-    assert "<mark>the</mark>" not in page.lower()  # stop words are never highlighted
+    plain = render_html(built)
+    assert 'class="tok" data-share' not in plain and "<mark>" not in plain  # no shares given: plain text
+    doc = dataclasses.replace(built[0].helpful[0], tokens=(("a", 1.0), ("b", -0.5)), query_tokens=(("q", 3.0),))
+    query = dataclasses.replace(built[0], helpful=[doc, *built[0].helpful[1:]])
+    page = render_html([query])
+    assert page.count('class="tok" data-share') == 3 and "query tokens this document explains" in page
 
 
 def test_summary_lists_each_query_and_its_documents() -> None:

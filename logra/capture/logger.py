@@ -15,11 +15,10 @@ a `QueryRows` of several) to the `Scorer`, which checks them against the store.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,8 @@ from torch import Tensor, nn
 
 from logra.capture.adapters import LayerAdapter, layer_weight, select_layers
 from logra.capture.hooks import LayerCapture, per_example_gradients
-from logra.capture.projection import SHARED_INPUT, make_projection
-from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit
+from logra.capture.layers import layer_table, shares_input_projection
+from logra.config import LoGraConfig, LossReduction, NonFinitePolicy
 from logra.errors import CaptureError, ConfigError, DuplicateIdError, NonFiniteGradientError, StoreError
 from logra.store.reader import GradientStore
 from logra.store.writer import StoreWriter
@@ -149,9 +148,14 @@ class GradientLogger:
         store: a directory to write rows to (created or resumed), or None for in-memory rows.
         shard_rows: rows per shard; default: as many as fit in 256 MiB. Does not change results.
         statistics: accumulate Kronecker statistics (needed by kfac/ekfac preconditioners).
-        rank: writer rank for distributed logging (shard files are per rank).
+        rank: writer rank for distributed logging (shard files are per rank). Default: the
+            rank of the initialised process group (torchrun, accelerate), else 0.
         world_size: number of logging processes; with more than one, each rank keeps its own
             manifest until `logra.distributed.finalize_store` merges them (see `logra.distributed`).
+            Default: the process group's size, else 1. Taken from the group (both left None,
+            a store given, more than one process), the ranks are checked to agree before
+            anything is logged and the store is merged when the `with` block ends without an
+            error (or by `logra.distributed.finalize_store(logger)` on every rank).
     """
 
     def __init__(
@@ -162,10 +166,11 @@ class GradientLogger:
         *,
         shard_rows: int | None = None,
         statistics: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         self.model = model
+        self._merge_on_exit = False
         self.config = config if config is not None else LoGraConfig()
         if not isinstance(self.config, LoGraConfig):
             raise ConfigError(f"config must be a LoGraConfig, got {type(config).__name__}.")
@@ -185,7 +190,7 @@ class GradientLogger:
         try:
             # Projections are redrawn from their seed when needed: no float64 copy is held (they can be
             # hundreds of MB for a large model); kept after close() for `projection()`.
-            self.layers, self._projections = _layer_table(self.config, selected)
+            self.layers, self._projections = layer_table(self.config, selected)
             self._attach_hooks(selected)
             self.dim = sum(layer.size for layer in self.layers)
             self.model_fingerprint = model_fingerprint(model, selected)
@@ -193,10 +198,27 @@ class GradientLogger:
                 layer.name: KroneckerStatistics.zeros(layer.k_in, layer.k_out) for layer in self.layers
             }
             if store is not None:
-                self._open_store(store, shard_rows, rank, world_size)
+                self._open_store(store, shard_rows, *self._rank_world(rank, world_size))
         except BaseException:
             self.close()
             raise
+
+    def _rank_world(self, rank: int | None, world_size: int | None) -> tuple[int, int]:
+        """(rank, world_size) as given, or from the process group (then ranks must agree, checked here)."""
+        if rank is not None and world_size is not None:
+            return rank, world_size
+        if rank is not None or world_size is not None:
+            raise ConfigError(
+                f"rank={rank!r}, world_size={world_size!r}: pass both, or neither to take them from the "
+                "initialised process group."
+            )
+        from logra import distributed  # imports this module: only at call time
+
+        rank, world_size = distributed.rank_world()
+        if world_size > 1:
+            distributed.check_agreement(self)
+            self._merge_on_exit = True
+        return rank, world_size
 
     def _attach_hooks(self, selected: list[tuple[str, nn.Module, type[LayerAdapter]]]) -> None:
         """One `LayerCapture` per logged layer; layers of one input width share P_in when configured."""
@@ -313,8 +335,13 @@ class GradientLogger:
     def __enter__(self) -> GradientLogger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._merge_on_exit and exc_type is None:
+            from logra.distributed import finalize_store
+
+            finalize_store(self)  # closes, all-reduces the statistics, rank 0 writes manifest.json
+        else:
+            self.close()
 
     # ---------------------------------------------------------------- assembly
 
@@ -408,86 +435,3 @@ def _accumulate(
     stats.n_examples += n_examples
 
 
-def _layer_table(
-    config: LoGraConfig, selected: list[tuple[str, nn.Module, type[LayerAdapter]]]
-) -> tuple[list[LayerInfo], dict[str, Callable[[], tuple[Tensor, Tensor]]]]:
-    """The layer table of the selected layers (k clipped to each width, columns in model order) and,
-    per layer, the zero-argument function that draws its projections."""
-    pca = _pca_factors(config) if config.init is ProjectionInit.PCA else {}
-    layers: list[LayerInfo] = []
-    projections: dict[str, Callable[[], tuple[Tensor, Tensor]]] = {}
-    offset = 0
-    for name, module, adapter in selected:
-        n_in, n_out, has_bias = adapter.widths(module)
-        bias = config.include_bias and has_bias
-        n_in += int(bias)
-        k_in_req, k_out_req = config.k_for(name)
-        info = LayerInfo(name, adapter.kind, n_in, n_out, min(k_in_req, n_in), min(k_out_req, n_out), bias, offset)
-        offset += info.size
-        f_in, f_out = pca.get(name, (None, None))
-        source = functools.partial(_draw_projections, config, info, f_in, f_out)
-        if pca:
-            source()  # validate the PCA factors now rather than at the first batch
-        layers.append(info)
-        projections[name] = source
-    return layers, projections
-
-
-def shares_input_projection(config: LoGraConfig) -> bool:
-    """Whether layers of equal (n_in, k_in) use one input projection (pca ones are always per layer)."""
-    return config.share_input_projection and config.init is not ProjectionInit.PCA
-
-
-def _draw_projections(
-    config: LoGraConfig, info: LayerInfo, f_in: Tensor | None, f_out: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """(P_in (k_in, n_in), P_out (k_out, n_out)) of one layer, float64 CPU: a pure function of its inputs.
-
-    With a shared input projection, P_in is seeded by (seed, n_in, k_in) alone, not the layer name.
-    """
-    in_name = SHARED_INPUT if shares_input_projection(config) else info.name
-    p_in = make_projection(config.init, config.seed, in_name, "in", info.k_in, info.n_in, f_in)
-    p_out = make_projection(config.init, config.seed, info.name, "out", info.k_out, info.n_out, f_out)
-    return p_in, p_out
-
-
-def projection_grams(
-    config: LoGraConfig, layers: list[LayerInfo] | tuple[LayerInfo, ...]
-) -> dict[str, tuple[Tensor | None, Tensor | None]]:
-    """{layer: (P_out P_outᵀ (k_out, k_out), P_in P_inᵀ (k_in, k_in))}, float64 CPU.
-
-    A side is None where its Gram is the identity: orthogonal, identity and pca projections have
-    orthonormal rows, and a side with k equal to its width is the identity. Damping in full-size
-    units adds λ P Pᵀ to a projected curvature (`logra.curvature.precondition`).
-    """
-    if config.init not in (ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER):
-        return {layer.name: (None, None) for layer in layers}
-    grams: dict[str, tuple[Tensor | None, Tensor | None]] = {}
-    for info in layers:
-        p_in, p_out = _draw_projections(config, info, None, None)
-        grams[info.name] = (
-            p_out @ p_out.T if info.k_out < info.n_out else None,
-            p_in @ p_in.T if info.k_in < info.n_in else None,
-        )
-    return grams
-
-
-def _pca_factors(config: LoGraConfig) -> dict[str, tuple[Tensor, Tensor]]:
-    """Full-size (A, S) factors per layer from the store named by `config.pca_statistics`."""
-    assert config.pca_statistics is not None  # guaranteed by LoGraConfig validation
-    source = GradientStore.open(config.pca_statistics)
-    if source.config.init is not ProjectionInit.IDENTITY:
-        raise ConfigError(
-            f"pca_statistics={config.pca_statistics!r} was logged with init={source.config.init.value!r}; "
-            "PCA projections need a store logged with init='identity' and k at least the layer sizes."
-        )
-    stats = source.statistics()
-    factors = {}
-    for layer in source.layers:
-        if layer.k_in != layer.n_in or layer.k_out != layer.n_out:
-            raise ConfigError(
-                f"pca_statistics store logged layer {layer.name!r} at {layer.k_out}x{layer.k_in}, not its full size "
-                f"{layer.n_out}x{layer.n_in}; log it with k_in/k_out at least the layer widths."
-            )
-        factors[layer.name] = (stats[layer.name].input_covariance(), stats[layer.name].grad_covariance())
-    return factors

@@ -16,7 +16,8 @@ backpropagates inside `GradientLogger.record()`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -222,9 +223,12 @@ def _load_tokenizer(transformers: Any, source: str, kwargs: dict[str, Any]) -> A
 
 
 def load_records(
-    path: str, settings: ModelSettings, split: str | None = None, limit: int | None = None
+    path: str, settings: ModelSettings, split: str | None = None, limit: int | None = None, metadata: bool = False
 ) -> list[dict[str, Any]]:
-    """The dataset at `path` as dicts with keys id, text and (when configured) prompt, label."""
+    """The dataset at `path` as dicts with keys id, text and (when configured) prompt, label.
+
+    With `metadata`, each record also has "meta": its other columns holding short scalars (title, source, ...).
+    """
     import datasets
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
@@ -273,12 +277,20 @@ def load_records(
         rec.setdefault("id", i)
         if not isinstance(rec["text"], str) or ("prompt" in rec and not isinstance(rec["prompt"], str)):
             raise InputError(f"row {i} of {path}: field {settings.text_field!r} (and any prompt) must be text.")
+        if metadata:
+            used = {name for name in wanted.values() if name is not None}
+            rec["meta"] = {c: table[c][i] for c in data.column_names if c not in used and _is_short(table[c][i])}
         _check_id(rec["id"], i, path)
         if rec["id"] in seen:
             raise InputError(f"row {i} of {path}: id {rec['id']!r} appears twice; every example needs its own id.")
         seen.add(rec["id"])
         records.append(rec)
     return records
+
+
+def _is_short(value: Any) -> bool:
+    """A value worth showing beside a document: a bool, number or string of at most 200 characters."""
+    return isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 200)
 
 
 def _why_not_data(p: Path, loaders: dict[str, str]) -> str:
@@ -398,20 +410,28 @@ def log_examples(
     token_reduction: str,
     desc: str,
     keep_rows: bool = False,
+    timed: tuple[int, Callable[[int, float], None]] | None = None,
 ) -> tuple[int, Tensor | None]:
-    """Run every example not yet committed through `logger`; (number logged, rows [n, D] if keep_rows)."""
+    """Run every example not yet committed through `logger`; (number logged, rows [n, D] if keep_rows).
+
+    `timed=(b, report)` calls `report(examples, seconds)` once, after the first b batches.
+    """
     skip = logger.committed_ids
     todo = sum(1 for i in encoded.ids if i not in skip)
     rows: list[Tensor] = []
     done = 0
+    start = time.perf_counter()
     with tqdm(total=todo, desc=desc, unit="ex") as bar:
-        for ids, batch in batches(encoded, batch_size, skip):
+        for b, (ids, batch) in enumerate(batches(encoded, batch_size, skip)):
             with logger.record(ids=ids, mask=batch["attention_mask"]) as rec:
                 batch_losses(model, batch, task, token_reduction).sum().backward()
             if keep_rows and rec.rows is not None:
                 rows.append(rec.rows.detach().cpu())
             done += len(ids)
             bar.update(len(ids))
+            if timed is not None and b + 1 == timed[0]:
+                bar.clear()
+                timed[1](done, time.perf_counter() - start)
     if keep_rows:
         return done, torch.cat(rows) if rows else None
     return done, None

@@ -4,6 +4,7 @@ Every failure ends in one line on stderr, `logra CMD: error: ...`, and status 2:
 errors, OS errors (a full disk, a read-only directory), and anything datasets, transformers or
 numpy raise on bad input. No traceback is printed (set LOGRA_DEBUG=1 to get one). Warnings are
 printed as one `logra CMD: warning: ...` line each. Ctrl-C exits 130.
+Launched by torchrun or `accelerate launch`, the command runs in a process group (logra.cli.ranks).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from logra.cli.parser import build_parser
+from logra.cli.ranks import RANK0_ONLY, on_rank0, process_group
 from logra.errors import LograError
 
 
@@ -46,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show
-            return func(args)
+            with process_group():  # under torchrun / accelerate launch: one group for the command
+                return on_rank0(lambda: func(args)) if command in RANK0_ONLY else func(args)
     except KeyboardInterrupt:
         print(f"logra {command}: interrupted (committed shards are kept; rerun with --resume)", file=sys.stderr)
         return 130

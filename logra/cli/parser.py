@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
-from logra.cli.commands import cmd_fit, cmd_log, cmd_report, cmd_score, cmd_self_influence, cmd_verify
+from logra.cli.commands import cmd_fit, cmd_score, cmd_self_influence, cmd_verify
 from logra.cli.inputs import MODEL_DTYPES
+from logra.cli.log_command import cmd_log
+from logra.cli.report_command import cmd_report
 from logra.config import NonFinitePolicy, ProjectionInit, StorageDtype
 from logra.curvature.fisher import EXACT_FISHER_MAX_CLASSES
 from logra.curvature.moments import FisherKind
@@ -147,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-rows", type=positive, help="rows per shard (default: 256 MiB shards)")
     g.add_argument("--no-statistics", action="store_true", help="do not accumulate KFAC statistics")
     g.add_argument("--resume", action="store_true", help="continue a store, skipping the examples it holds")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the row width D, bytes per example, the corpus total and a time estimate from the first "
+        "--time-batches batches (logged in memory), then stop; nothing is written",
+    )
+    g.add_argument("--time-batches", type=positive, default=3, help="batches timed for the estimate")
+    g.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read --data as a stream, one batch in memory at a time (for corpora larger than memory); ids from "
+        "--id-field or the row number; with --resume, committed ids are skipped; split round-robin across ranks",
+    )
     p.set_defaults(func=cmd_log)
 
     p = sub.add_parser("fit", help="fit a preconditioner on a store and save it", formatter_class=fmt)
@@ -205,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=positive, default=5, help="helpful and harmful documents per query in the page")
     p.add_argument("--show", type=count, default=3, help="documents per query in the printed summary")
     p.add_argument("--title", default="logra influence report")
+    p.add_argument(
+        "--tokens",
+        action="store_true",
+        help="colour each shown document's and query's tokens by their signed share of the score (reruns the "
+        "model on those examples only)",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("verify", help="check every checksum of a store", formatter_class=fmt)

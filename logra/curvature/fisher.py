@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from logra.capture.logger import GradientLogger, projection_grams
+from logra.capture.layers import projection_grams
+from logra.capture.logger import GradientLogger
 from logra.config import LoGraConfig
 from logra.curvature.moments import (
     EigenbasisMoments,

@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from logra.capture.logger import projection_grams
+from logra.capture.layers import projection_grams
 from logra.config import ProjectionInit
 from logra.curvature.moments import (
     CurvatureSource,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -251,6 +251,23 @@ class GradientStore:
         if len(parts) == 1:
             return parts[0]
         return torch.cat(parts) if parts else torch.zeros(0, self.dim, dtype=output_dtype(self.dtype))
+
+    def take(self, rows: Sequence[int] | Tensor) -> Tensor:
+        """The rows at the given row indices, in that order: (m, D), copied (one map per shard)."""
+        index = torch.as_tensor(rows, dtype=torch.long).flatten()
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < len(self)):
+            raise StoreError(f"row indices must lie in [0, {len(self)}), got {int(index.min())}..{int(index.max())}.")
+        out = torch.empty(index.numel(), self.dim, dtype=output_dtype(self.dtype))
+        shard_of = np.searchsorted(self._starts, index.numpy(), side="right") - 1
+        for s in np.unique(shard_of).tolist():
+            where = np.flatnonzero(shard_of == s)
+            local = index.numpy()[where] - int(self._starts[s])
+            array = self._map(s)
+            scales = self._scales[s]
+            out[torch.from_numpy(where)] = decode_rows(
+                np.ascontiguousarray(array[local]), self.dtype, None if scales is None else scales[local]
+            )
+        return out
 
     def layer_rows(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
         """One layer's columns of rows [start, stop): (n, k_out * k_in)."""

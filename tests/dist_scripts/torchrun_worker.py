@@ -43,6 +43,14 @@ def plain(out: Path, results: dict) -> None:
     }  # fmt: skip
 
 
+def default_logger(out: Path) -> None:
+    """A plain GradientLogger: rank and world from the process group, merged when the block ends."""
+    m = model()
+    with logra.GradientLogger(m, CONFIG, out / "default", shard_rows=2) as logger:
+        log_batches(logger, m, share_batches(2))
+    logra.GradientStore.open(out / "default")  # readable on every rank right after the block
+
+
 def ddp(out: Path) -> None:
     wrapped = DistributedDataParallel(model())
     with distributed.distributed_logger(wrapped, CONFIG, out / "ddp") as logger, wrapped.no_sync():
@@ -105,6 +113,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results: dict = {"world": dist.get_world_size()}
     plain(out, results)
+    default_logger(out)
     ddp(out)
     fsdp(out, results)
     mismatches(results)

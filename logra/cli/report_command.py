@@ -1,0 +1,127 @@
+"""`logra report`: the HTML report of a score matrix, checked against the store it was scored on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from logra.cli.commands import say
+from logra.errors import ConfigError, LograError
+
+META_TYPES: dict[str, Any] = {
+    "provenance": dict, "query_ids": list, "store": str, "queries": str, "query_fields": dict,
+    "normalization": str, "preconditioner": str,
+}  # fmt: skip
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from logra.cli.inputs import ModelSettings, load_records
+    from logra.report import build_queries, format_summary, write_report
+    from logra.store.reader import GradientStore
+
+    matrix = Path(args.scores)
+    meta_path = Path(str(matrix) + ".json")
+    if not matrix.is_file() or not meta_path.is_file():
+        raise ConfigError(f"{matrix} and {meta_path} must exist; write them with `logra score --matrix {matrix}`.")
+    meta = _matrix_meta(meta_path)
+    store = GradientStore.open(args.store or meta["store"])
+    if meta["provenance"]["store"] != store.fingerprint:
+        raise ConfigError(
+            f"{matrix} was scored against another state of a store (fingerprint {meta['provenance']['store'][:16]}) "
+            f"than the store at {store.root} ({store.fingerprint[:16]}); score it again."
+        )
+    settings = ModelSettings.load(store.root)
+    if settings is None:
+        raise ConfigError(
+            f"the store at {store.root} was not logged by `logra log`; it has no settings to find its texts."
+        )
+    data = args.data or settings.extra.get("data")
+    if not isinstance(data, str):
+        raise ConfigError(f"the store at {store.root} does not say which dataset it was logged from; pass --data.")
+    train_records = {r["id"]: r for r in load_records(data, settings, settings.extra.get("split"), metadata=True)}
+    train = {i: r["text"] for i, r in train_records.items()}
+    fields = dict(meta["query_fields"])
+    q_split, q_limit = fields.pop("split"), fields.pop("limit")
+    queries = load_records(args.queries or meta["queries"], replace(settings, **fields), q_split, q_limit)
+    by_id = {r["id"]: r for r in queries}
+    qids = meta["query_ids"]
+    missing = [i for i in qids if i not in by_id]
+    if missing:
+        raise ConfigError(f"the query ids {missing[:5]} of {meta_path} are not in the query file; pass --queries.")
+    scores = _load_matrix(matrix, (len(qids), len(store)))
+    built = build_queries(
+        np.asarray(scores),
+        qids,
+        [by_id[i]["text"] for i in qids],
+        store.ids,
+        train,
+        args.top_k,
+        [by_id[i].get("prompt") for i in qids],
+        train_metadata={i: r["meta"] for i, r in train_records.items() if r["meta"]},  # title, source, label, ...
+    )
+    info = {
+        "model": settings.model,
+        "training examples": len(store),
+        "layers logged": len(store.layers),
+        "row width D": store.dim,
+        "preconditioner": meta["preconditioner"],
+        "normalization": meta["normalization"],
+        "provenance": ", ".join(f"{k} {str(v)[:16]}" for k, v in meta["provenance"].items()),
+    }
+    if args.tokens:
+        from logra.cli.token_report import attach_tokens
+
+        say("per-token shares: recomputing the shown documents and the queries with the model")
+        built = attach_tokens(built, store, settings, meta, train_records, by_id)
+    write_report(args.out, built, args.title, info)
+    print(format_summary(built, show=args.show))
+    say(f"wrote the HTML report -> {args.out}")
+    return 0
+
+
+def _matrix_meta(path: Path) -> dict[str, Any]:
+    """The checked content of a score matrix's FILE.npy.json."""
+    from logra.store.files import read_regular
+
+    try:
+        meta = json.loads(read_regular(path, 2**28, "the score matrix' metadata").decode("utf-8"))
+    except LograError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]}).") from None
+    if not _valid_meta(meta):
+        raise ConfigError(
+            f"{path}: not the metadata `logra score --matrix` writes (fields {sorted(META_TYPES)}); score again."
+        )
+    return meta
+
+
+def _valid_meta(meta: Any) -> bool:
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in META_TYPES.items()):
+        return False
+    fields = meta["query_fields"]
+    names = {"text_field", "prompt_field", "label_field", "id_field", "split", "limit"}
+    return (
+        all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in meta["query_ids"])
+        and isinstance(meta["provenance"].get("store"), str)
+        and {"split", "limit"} <= set(fields) <= names
+        and all(v is None or isinstance(v, str) for k, v in fields.items() if k != "limit")
+        and (fields["limit"] is None or (isinstance(fields["limit"], int) and fields["limit"] >= 0))
+    )
+
+
+def _load_matrix(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The [Q, N] float scores of `path` (no pickle), checked against the shape the metadata implies."""
+    try:
+        scores = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise ConfigError(f"{path}: not a score matrix ({type(exc).__name__}: {str(exc)[:200]}).") from None
+    if not isinstance(scores, np.ndarray) or scores.dtype.kind != "f" or scores.shape != shape:
+        kind = f"{scores.dtype} {scores.shape}" if isinstance(scores, np.ndarray) else type(scores).__name__
+        raise ConfigError(f"{path}: holds {kind}, not float scores of shape {shape}; score again.")
+    return np.asarray(scores)
