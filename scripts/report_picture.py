@@ -3,7 +3,8 @@
     .venv/bin/python scripts/report_picture.py demo_out/report.html docs/report_tokens.png
 
 Keeps the page's head and its first query section without the plots (the tokens are what the
-picture is for), with every "query tokens" fold open, and screenshots it with headless Chromium (Debian: `apt-get install chromium`).
+picture is for), with every "query tokens" fold open, and screenshots it with headless Chromium
+(Debian: `apt-get install chromium`).
 """
 
 from __future__ import annotations
