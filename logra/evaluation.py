@@ -6,6 +6,8 @@
 - `linear_datamodeling_score(scores, subsets, outputs)`: the LDS of Park et al. (TRAK): per query,
   the Spearman correlation over subsets S between the summed attribution Σ_{i∈S} score(q, i) and
   the retrained model's measured output, averaged over queries.
+- `validate(train_fn, score_fn, n_train, ...)`: the above end to end for each (damping, k) setting,
+  with a bootstrap confidence interval over queries and the best setting (`ValidationResult`).
 - `leave_one_out_correlation(scores, loo_change)`: per query, the correlation over training
   examples between the score and the actual change of the query loss when the example is removed.
 
@@ -207,3 +209,170 @@ def leave_one_out_correlation(
         raise ConfigError(f"scores and loo_change must both be [Q, N]; got {tuple(s.shape)} and {tuple(y.shape)}.")
     corr = pearson(s, y) if method is Correlation.PEARSON else spearman(s, y)
     return float(corr.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# validate: retrain on random subsets with the user's recipe, LDS per (damping, k), bootstrap CI.
+
+
+def per_query_lds(scores: ArrayLike, subsets: Tensor, outputs: ArrayLike, outputs_are_losses: bool = True) -> Tensor:
+    """[Q] float64: each query's LDS term (its Spearman correlation); `linear_datamodeling_score` is the mean.
+
+    Shapes as in `linear_datamodeling_score`: scores [Q, N], subsets [M, N] bool, outputs [M, Q].
+    """
+    s, y = _as_tensor(scores, "scores"), _as_tensor(outputs, "outputs")
+    if s.dim() != 2 or subsets.dim() != 2 or subsets.shape[1] != s.shape[1] or y.shape != (len(subsets), len(s)):
+        raise ConfigError(
+            f"LDS needs scores [Q, N], subsets [M, N], outputs [M, Q]; got {tuple(s.shape)}, "
+            f"{tuple(subsets.shape)}, {tuple(y.shape)}."
+        )
+    predicted = subsets.to(torch.float64) @ s.T
+    return spearman(predicted.T, (-y if outputs_are_losses else y).T)
+
+
+@dataclass(frozen=True)
+class ValidationSetting:
+    """The LDS of one (damping, k) setting: the mean over queries and a bootstrap interval over queries.
+
+    per_query: [Q] float64, each query's Spearman correlation; lds is its mean; (ci_low, ci_high)
+    is the percentile bootstrap interval of that mean, resampling queries with replacement.
+    """
+
+    damping: float | None
+    k: int | None
+    lds: float
+    ci_low: float
+    ci_high: float
+    per_query: Tensor
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """What `validate` measured: one `ValidationSetting` per (damping, k) tried, and the best one.
+
+    The confidence interval is over queries (the subsets and retrained outputs are held fixed),
+    so it measures how much the LDS depends on which queries were chosen, not retraining noise.
+    """
+
+    settings: tuple[ValidationSetting, ...]
+    n_train: int
+    n_subsets: int
+    n_queries: int
+    fraction: float
+    confidence: float
+    retraining: Retraining
+
+    @property
+    def best(self) -> ValidationSetting:
+        """The setting with the highest mean LDS (the first one on ties)."""
+        return max(self.settings, key=lambda s: s.lds)
+
+    def __str__(self) -> str:
+        pct = f"{self.confidence:.0%} CI"
+        rows = [("damping", "k", "LDS", f"{pct} (over queries)", "")]
+        best = self.best
+        for s in self.settings:
+            rows.append(
+                (
+                    "default" if s.damping is None else f"{s.damping:g}",
+                    "default" if s.k is None else str(s.k),
+                    f"{s.lds:+.3f}",
+                    f"[{s.ci_low:+.3f}, {s.ci_high:+.3f}]",
+                    "<- best" if s is best else "",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        head = (
+            f"LDS on {self.n_queries} queries, {self.n_subsets} retrainings on random "
+            f"{self.fraction:.0%} subsets of {self.n_train} training examples"
+        )
+        return "\n".join([head, lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _bootstrap_interval(per_query: Tensor, n_bootstrap: int, confidence: float, seed: int) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(seed)
+    q = len(per_query)
+    picks = torch.randint(0, q, (n_bootstrap, q), generator=gen)
+    means = per_query[picks].mean(1)
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
+    return float(lo), float(hi)
+
+
+def validate(
+    train_fn: Callable[[Tensor], Any],
+    score_fn: Callable[..., ArrayLike] | ArrayLike,
+    n_train: int,
+    n_subsets: int = 20,
+    fraction: float = 0.5,
+    seed: int = 0,
+    dampings: Sequence[float | None] = (None,),
+    ks: Sequence[int | None] = (None,),
+    measure: Callable[[Any], Any] | None = None,
+    outputs_are_losses: bool = True,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    progress: bool | None = None,
+) -> ValidationResult:
+    """Check attribution quality on your own task: retrain on random subsets, LDS per setting.
+
+    Retrains `n_subsets` times on random `fraction` subsets of the n_train examples with your
+    recipe (`retrain`), then for each (damping, k) in dampings x ks computes the per-query LDS of
+    `score_fn(damping=..., k=...)` and a percentile bootstrap interval over queries.
+
+    Args:
+        train_fn: train_fn(indices LongTensor [n_keep]) -> [Q] query outputs (e.g. query losses)
+            of a model trained from scratch on those examples, or a model (then pass `measure`).
+            It must be deterministic apart from the subset, or the LDS measures training noise.
+        score_fn: score_fn(damping=d, k=k) -> [Q, N] scores of the queries against all n_train
+            examples (rows in train-index order), computed once from the full-data model; or a
+            [Q, N] array when there is one setting (dampings and ks left at (None,)).
+        n_train, n_subsets, fraction, seed: as in `random_subsets`.
+        dampings, ks: the settings tried (None: your score_fn's default); every pair is scored.
+        measure, outputs_are_losses, progress: as in `retrain` and `linear_datamodeling_score`.
+        n_bootstrap, confidence: the bootstrap resamples over queries and the interval's level.
+
+    Returns: a `ValidationResult`; `str()` of it is a table, `.best` the best setting.
+    """
+    if not callable(train_fn):
+        raise ConfigError(f"train_fn={train_fn!r} is not callable; pass train_fn(indices) -> query outputs.")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 100:
+        raise ConfigError(f"n_bootstrap={n_bootstrap!r} must be an int >= 100 for a stable interval.")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1.0:
+        raise ConfigError(f"confidence={confidence!r} must be a number in [0.5, 1), e.g. 0.95.")
+    dampings, ks = tuple(dampings), tuple(ks)
+    if not dampings or not ks:
+        raise ConfigError("dampings and ks must each hold at least one value (None: the default).")
+    for d in dampings:
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < float("inf")):
+            raise ConfigError(f"damping {d!r} in dampings must be a positive finite number or None (the default).")
+    for k in ks:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"k {k!r} in ks must be a positive int or None (the default).")
+    if not callable(score_fn) and (dampings != (None,) or ks != (None,)):
+        raise ConfigError(
+            "score_fn is a fixed [Q, N] array but several dampings/ks were asked for; pass a function "
+            "score_fn(damping=..., k=...) -> [Q, N] scores, or leave dampings and ks at (None,)."
+        )
+    subsets = random_subsets(n_train, n_subsets, fraction, seed)  # validates n_train, n_subsets, fraction
+    retraining = retrain(train_fn, subsets, measure, progress)
+    n_queries = retraining.outputs.shape[1]
+    if n_queries < 2:
+        raise ConfigError(
+            f"train_fn measured {n_queries} query output(s); a bootstrap over queries needs >= 2 (use 20+)."
+        )
+    settings = []
+    for d in dampings:
+        for k in ks:
+            scores = score_fn(damping=d, k=k) if callable(score_fn) else score_fn
+            s = _as_tensor(scores, f"the scores for damping={d}, k={k}")
+            if s.shape != (n_queries, n_train):
+                raise ConfigError(
+                    f"the scores for damping={d}, k={k} have shape {tuple(s.shape)}; expected "
+                    f"[{n_queries} queries, {n_train} training examples] (one row per measured query output)."
+                )
+            per_q = per_query_lds(s, subsets, retraining.outputs, outputs_are_losses)
+            lo, hi = _bootstrap_interval(per_q, n_bootstrap, float(confidence), seed)
+            settings.append(ValidationSetting(d, k, float(per_q.mean()), lo, hi, per_q))
+    return ValidationResult(tuple(settings), n_train, n_subsets, n_queries, fraction, float(confidence), retraining)

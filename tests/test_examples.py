@@ -89,3 +89,16 @@ def test_llm_data_valuation(tmp_path: Path) -> None:
     assert "most helpful" in out and "most harmful" in out
     page = (tmp_path / "llm" / "report.html").read_text(encoding="utf-8")
     assert page.count('<section class="query"') >= 1 and "<svg" in page
+
+
+def test_mislabel_detection(tmp_path: Path) -> None:
+    out = run_example("mislabel_detection.py", tmp_path, "--small", "--out", str(tmp_path))
+    rows = {
+        m.group(1): [float(m.group(i)) for i in (2, 3, 4, 5)]
+        for m in re.finditer(r"^\s*(brief|long) \(\d+ epochs\)\s+(\d+)%\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    }
+    assert set(rows) == {"brief", "long"}, out
+    assert rows["brief"][0] <= 20 and rows["long"][0] >= 90, out  # the two regimes are what they claim to be
+    for _fitted, self_influence, loss, combined in rows.values():
+        assert min(self_influence, loss, combined) >= 0.5, out  # random inspection finds 0.05
+        assert combined >= max(self_influence, loss) - 0.05, out  # the rank average never loses much to either

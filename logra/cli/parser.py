@@ -9,6 +9,7 @@ from logra.cli.commands import cmd_fit, cmd_score, cmd_self_influence, cmd_verif
 from logra.cli.inputs import MODEL_DTYPES
 from logra.cli.log_command import cmd_log
 from logra.cli.report_command import cmd_report
+from logra.cli.validate_command import cmd_validate
 from logra.config import NonFinitePolicy, ProjectionInit, StorageDtype
 from logra.curvature.fisher import EXACT_FISHER_MAX_CLASSES
 from logra.curvature.moments import FisherKind
@@ -227,6 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
         "model on those examples only)",
     )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "validate",
+        help="retrain on random subsets with your Python recipe; LDS per damping and k, with a bootstrap CI",
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "--train-fn", required=True, help="module:function, train_fn(indices) -> [Q] query losses (from scratch)"
+    )
+    p.add_argument(
+        "--score-fn", required=True, help="module:function, score_fn(damping=, k=) -> [Q, N] scores of those queries"
+    )
+    p.add_argument("--n-train", type=positive, required=True, help="N, the number of training examples")
+    p.add_argument("--subsets", type=positive, default=20, help="retrainings (each on a random subset)")
+    p.add_argument("--fraction", type=float, default=0.5, help="the share of the training set in each subset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dampings",
+        default="default",
+        help="comma-separated dampings to try; default = score_fn's own, e.g. 1e-3,1e-2,default",
+    )
+    p.add_argument("--ks", default="default", help="comma-separated k to try (as --dampings), e.g. 8,16")
+    p.add_argument("--higher-is-better", action="store_true", help="train_fn returns margins, not losses")
+    p.add_argument("--bootstrap", type=positive, default=1000, help="bootstrap resamples over queries")
+    p.add_argument("--confidence", type=float, default=0.95, help="the interval's level")
+    p.add_argument("--out", help="also write the result as .json")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("verify", help="check every checksum of a store", formatter_class=fmt)
     p.add_argument("store", help="the store directory")

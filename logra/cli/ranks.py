@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from logra.errors import LograError
 
-RANK0_ONLY = frozenset({"fit", "report", "verify"})
+RANK0_ONLY = frozenset({"fit", "report", "validate", "verify"})
 
 
 def rank_world() -> tuple[int, int]:
