@@ -101,3 +101,20 @@ def test_fit_on_two_ranks_saves_one_preconditioner(runs: tuple[Path, Path]) -> N
     for layer, factors in want.factors.items():
         for name, tensor in factors.items():  # float64 sums in another order: equal to rounding
             assert torch.allclose(got.factors[layer][name], tensor, rtol=1e-9, atol=1e-9 * tensor.abs().max().item())
+
+
+def test_log_under_accelerate_launch_gives_the_one_process_store(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """`accelerate launch` (2 CPU processes) of the `logra` script: the CLI starts the group itself."""
+    one, _ = runs
+    env = cli_env.make_env(tmp_path / "env")  # the same seeded model and data as the fixture's
+    out = tmp_path / "acc"
+    out.mkdir()
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", str(free_port()), LOGRA]  # fmt: skip
+    launch(accelerate + _args(env, "log", out), out, pass_out=False)
+    store = GradientStore.open(out / "s")
+    assert {s.file[:10] for s in store.manifest.shards} == {"shard-000-", "shard-001-"}  # both ranks wrote
+    reference = GradientStore.open(one / "s")
+    assert store.ids == reference.ids
+    dist_tests.assert_same_contents(store, reference)
