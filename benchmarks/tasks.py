@@ -178,6 +178,11 @@ ALL_TASKS: dict[str, Callable[[], Task]] = {**TASKS, "news-lm": news_task}
 
 def train(task: Task, indices: Tensor, seed: int) -> nn.Module:
     """The task's recipe on the training examples `indices`, from seed `seed` (init and order)."""
+    return train_with_optimizer(task, indices, seed)[0]
+
+
+def train_with_optimizer(task: Task, indices: Tensor, seed: int) -> tuple[nn.Module, torch.optim.AdamW]:
+    """`train`, also returning its AdamW optimizer in its final state (its exp_avg_sq: optimizer_parts.py)."""
     r = task.recipe
     torch.manual_seed(seed)
     model = task.build()
@@ -195,7 +200,7 @@ def train(task: Task, indices: Tensor, seed: int) -> nn.Module:
             loss.backward()
             opt.step()
     model.eval()
-    return model
+    return model, opt
 
 
 @torch.no_grad()

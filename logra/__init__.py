@@ -10,7 +10,9 @@ from logra.capture.adapters import LayerAdapter
 from logra.capture.logger import GradientLogger, QueryRows, Record
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit, StorageDtype
 from logra.curvature.fisher import FisherLabels, sampled_cross_entropy, true_fisher_statistics
+from logra.curvature.mixed import mixed_preconditioner
 from logra.curvature.moments import FisherKind, FisherStatistics
+from logra.curvature.optimizer import OptimizerCorrection, SecondMoments, adam_second_moments, trainer_second_moments
 from logra.curvature.precondition import Preconditioner, PreconditionerMethod, fit_preconditioner
 from logra.curvature.saved import load_preconditioner
 from logra.ensemble import EnsembleScores, ensemble_scores
@@ -24,6 +26,8 @@ from logra.errors import (
     StoreError,
 )
 from logra.index import InfluenceIndex
+from logra.presets import Preset, trackstar_config, trackstar_scorer
+from logra.rerank import FullRerank, fit_full_ekfac
 from logra.score import Normalization, Scorer, TopK
 from logra.store.reader import GradientStore
 from logra.streaming import stream_batches
@@ -48,15 +52,19 @@ __all__ = [
     "LossReduction",
     "NonFiniteGradientError",
     "NonFinitePolicy",
+    "OptimizerCorrection",
+    "Preset",
     "ProjectionInit",
     "QueryRows",
     "Record",
+    "SecondMoments",
     "StorageDtype",
     "StoreCorruptedError",
     "StoreError",
     "FisherKind",
     "FisherLabels",
     "FisherStatistics",
+    "FullRerank",
     "Normalization",
     "Preconditioner",
     "PreconditionerMethod",
@@ -64,11 +72,17 @@ __all__ = [
     "TokenAttributor",
     "TokenRecord",
     "TopK",
+    "adam_second_moments",
     "ensemble_scores",
     "evaluation",
+    "fit_full_ekfac",
     "fit_preconditioner",
     "load_preconditioner",
+    "mixed_preconditioner",
     "sampled_cross_entropy",
     "stream_batches",
+    "trackstar_config",
+    "trackstar_scorer",
+    "trainer_second_moments",
     "true_fisher_statistics",
 ]

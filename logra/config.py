@@ -14,6 +14,7 @@ import enum
 import fnmatch
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -27,8 +28,11 @@ class ProjectionInit(str, enum.Enum):
     gaussian: i.i.d. N(0, 1/k) entries.  rademacher: i.i.d. ±1/sqrt(k).
     orthogonal: rows orthonormal (P Pᵀ = I).  identity: the first k rows of the identity
     (with k equal to the layer size, logging is exact).  pca: the top-k eigenvectors of the
-    Kronecker factors of an earlier full-size pass (see `pca_statistics`). Whatever the init, a
-    side whose k reaches its width (k is clipped to it) is the identity: exact, nothing distorted.
+    Kronecker factors of an earlier full-size pass (see `pca_statistics`).  sjlt: FactGraSS-style
+    structured sparse rows, per side a random mask of k' = min(n, 4k) coordinates followed by a
+    sparse Johnson-Lindenstrauss transform to k (`logra.capture.projection`); applied by a gather
+    instead of a matmul. Whatever the init, a side whose k reaches its width (k is clipped to it) is
+    the identity: exact, nothing distorted.
     """
 
     GAUSSIAN = "gaussian"
@@ -36,6 +40,12 @@ class ProjectionInit(str, enum.Enum):
     ORTHOGONAL = "orthogonal"
     IDENTITY = "identity"
     PCA = "pca"
+    SJLT = "sjlt"
+
+    @property
+    def orthonormal_rows(self) -> bool:
+        """Whether every drawn matrix has P Pᵀ = I (else full-size damping needs its Gram)."""
+        return self in (ProjectionInit.ORTHOGONAL, ProjectionInit.IDENTITY, ProjectionInit.PCA)
 
 
 class StorageDtype(str, enum.Enum):
@@ -124,6 +134,13 @@ class LoGraConfig:
             "help": "For init='pca': a store logged with init='identity' at full size; its factors give projections."
         },
     )
+    optimizer_correction: str | None = field(
+        default=None,
+        metadata={
+            "help": "The fingerprint of the OptimizerCorrection (Adam's factorised second moments, "
+            "logra.curvature.optimizer) folded into the projections; None: plain gradients."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, enum_type in _ENUM_FIELDS.items():
@@ -142,6 +159,13 @@ class LoGraConfig:
             )
         if self.pca_statistics is not None and not isinstance(self.pca_statistics, str):
             raise ConfigError(f"LoGraConfig.pca_statistics={self.pca_statistics!r} must be a store path (str) or None.")
+        if self.optimizer_correction is not None and not (
+            isinstance(self.optimizer_correction, str) and re.fullmatch(r"[0-9a-f]{16}", self.optimizer_correction)
+        ):
+            raise ConfigError(
+                f"LoGraConfig.optimizer_correction={self.optimizer_correction!r} must be the 16-hex-digit fingerprint "
+                "of an OptimizerCorrection (set it with correction.configure(config)) or None."
+            )
         if self.modules is not None:
             if isinstance(self.modules, str):
                 object.__setattr__(self, "modules", (self.modules,))

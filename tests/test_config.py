@@ -106,6 +106,7 @@ CHANGES = [
     ("k_in", 3), ("k_out", 3), ("init", "orthogonal"), ("seed", 1), ("modules", ("*",)), ("exclude", ("a",)),
     ("layer_k", {"a": (1, 1)}), ("dtype", "bfloat16"), ("include_bias", True), ("loss_reduction", "mean"),
     ("nonfinite", "skip"), ("share_input_projection", False), ("pca_statistics", "elsewhere"),
+    ("optimizer_correction", "0123456789abcdef"),
 ]  # fmt: skip
 
 

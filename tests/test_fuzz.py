@@ -219,7 +219,17 @@ UNSAFE_CALLS = {"eval", "exec", "compile", "__import__"}
 def unsafe_uses(source: str, filename: str) -> list[str]:
     """Every unsafe loader or evaluator used by `source` (docstrings and comments do not count)."""
     found = []
-    for node in ast.walk(ast.parse(source, filename)):
+    tree = ast.parse(source, filename)
+    # torch.load(..., weights_only=True) restricts unpickling to tensors and containers: allowed.
+    safe = {
+        id(node.func)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and ast.unparse(node.func) == "torch.load"
+        and any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords)
+    }  # fmt: skip
+    for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import):
             found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
@@ -228,6 +238,7 @@ def unsafe_uses(source: str, filename: str) -> list[str]:
         elif (
             isinstance(node, ast.Attribute)
             and node.attr in {"load", "loads"}
+            and id(node) not in safe
             and ast.unparse(node.value) in ("torch", "pickle", "marshal", "dill", "joblib", "torch.serialization")
         ):
             found.append(f"{where} {ast.unparse(node)}")
@@ -253,7 +264,7 @@ def test_the_scanner_catches_every_unsafe_form() -> None:
         assert any(needle in f for f in found), (needle, found)
     clean = (
         '"""Never unpickled: allow_pickle=False, no eval(, no exec(."""\n'
-        'import numpy as np\nnp.load("a", allow_pickle=False)\n'
+        'import numpy as np\nnp.load("a", allow_pickle=False)\nimport torch\ntorch.load("c", weights_only=True)\n'
     )
     assert unsafe_uses(clean, "clean.py") == []
 

@@ -11,17 +11,18 @@ import sys
 
 import pytest
 import torch
-from models import VOCAB, build_model, log_rows, make_examples
+from models import VOCAB, TokenMLP, assert_rows_close, build_model, log_rows, make_examples, reference_rows
 from torch import nn
 
 import logra
 from logra.capture import make_projection
+from logra.capture import projection as projection_module
 from logra.capture.hooks import LayerCapture
-from logra.capture.projection import SHARED_INPUT
+from logra.capture.projection import SHARED_INPUT, SparseRows
 from logra.config import ProjectionInit
 from logra.errors import ConfigError
 
-DRAWN = [ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER, ProjectionInit.ORTHOGONAL]
+DRAWN = [ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER, ProjectionInit.ORTHOGONAL, ProjectionInit.SJLT]
 CASES = [(init, seed, name, side, k, n) for init in DRAWN for seed in (0, 3) for name in ("fc1", "h.0.mlp.c_fc")
          for side in ("in", "out") for k, n in ((4, 9), (12, 16))]  # fmt: skip
 
@@ -30,7 +31,7 @@ def _digest(p: torch.Tensor) -> str:
     return hashlib.sha256(p.numpy().tobytes()).hexdigest()
 
 
-@pytest.mark.parametrize("init", list(ProjectionInit)[:4])
+@pytest.mark.parametrize("init", [*list(ProjectionInit)[:4], ProjectionInit.SJLT])
 @pytest.mark.parametrize("k,n", [(1, 1), (3, 7), (7, 7), (5, 40)])
 def test_shape_dtype_and_repeatability(init: ProjectionInit, k: int, n: int) -> None:
     p = make_projection(init, 0, "layer", "in", k, n)
@@ -39,7 +40,7 @@ def test_shape_dtype_and_repeatability(init: ProjectionInit, k: int, n: int) -> 
     assert torch.isfinite(p).all()
 
 
-@pytest.mark.parametrize("init", list(ProjectionInit)[:4])
+@pytest.mark.parametrize("init", [*list(ProjectionInit)[:4], ProjectionInit.SJLT])
 def test_a_side_with_k_equal_to_its_width_is_the_identity(init: ProjectionInit) -> None:
     """k clipped to the width: exact, whatever the init (a square gaussian would distort damping)."""
     for n in (1, 7, 16):
@@ -230,3 +231,137 @@ def test_pca_projections_are_the_top_eigenvectors_of_an_identity_pass(tmp_path) 
         log_rows(logger, examples[:2], [0, 1], batch_size=2)
     with pytest.raises(ConfigError, match="init='identity'"):
         logra.GradientLogger(model, logra.LoGraConfig(init="pca", pca_statistics=str(tmp_path / "gauss")))
+
+
+# ---------------------------------------------------------------- init=sjlt (FactGraSS-style, per side)
+
+
+@pytest.mark.parametrize("nonzeros", [1, 3])
+@pytest.mark.parametrize("k,n", [(4, 9), (8, 100), (5, 300), (64, 200)])
+def test_sjlt_is_a_random_mask_then_a_block_sjlt(k: int, n: int, nonzeros: int, monkeypatch) -> None:
+    """k' = min(n, 4k) columns kept; each has one ±sqrt(n/(k' s)) in each of s row blocks; loads balanced."""
+    monkeypatch.setattr(projection_module, "SJLT_NONZEROS", nonzeros)
+    p = make_projection(ProjectionInit.SJLT, 2, "fc1", "out", k, n)
+    kept, s = min(n, projection_module.SJLT_MASK_FACTOR * k), min(nonzeros, k)
+    per_column = (p != 0).sum(dim=0)
+    assert int((per_column > 0).sum()) == kept and set(per_column.tolist()) <= {0, s}
+    scale = (n / (kept * s)) ** 0.5
+    torch.testing.assert_close(p[p != 0].abs(), torch.full((kept * s,), scale, dtype=torch.float64), rtol=1e-15, atol=0)
+    bounds = [(r * k) // s for r in range(s + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        block = p[lo:hi] != 0
+        assert (block.sum(dim=0) == (per_column > 0).long()).all()  # one entry per kept column per block
+        loads = block.sum(dim=1)
+        assert int(loads.max() - loads.min()) <= 1
+    if s == 1:  # disjoint rows: P Pᵀ is diagonal, each entry its row's load times n/k'
+        gram = p @ p.T
+        torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), rtol=0, atol=1e-14)
+    assert torch.equal(p, make_projection(ProjectionInit.SJLT, 2, "fc1", "out", k, n))
+    for other in ((3, "fc1", "out"), (2, "fc2", "out"), (2, "fc1", "in")):
+        assert not torch.equal(p, make_projection(ProjectionInit.SJLT, other[0], other[1], other[2], k, n))
+
+
+@pytest.mark.parametrize("nonzeros", [1, 2])
+def test_sjlt_preserves_norms_and_inner_products_in_expectation(nonzeros: int, monkeypatch) -> None:
+    """E‖Px‖² = ‖x‖² and E⟨Px, Py⟩ = ⟨x, y⟩ over draws (names), within 4 standard errors.
+
+    With n = 256 and k = 8 the mask keeps 32 of 256 columns: forgetting its sqrt(n/k') factor would
+    give 1/8 of the norm, forgetting 1/sqrt(s) s times it, both far outside the tolerance."""
+    monkeypatch.setattr(projection_module, "SJLT_NONZEROS", nonzeros)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, generator=gen, dtype=torch.float64)
+    y = 0.6 * x + torch.randn(256, generator=gen, dtype=torch.float64)
+    draws = [make_projection(ProjectionInit.SJLT, 0, f"layer{i}", "in", 8, 256) for i in range(600)]
+    norms = torch.stack([(p @ x).square().sum() for p in draws]) / x.square().sum()
+    inner = torch.stack([(p @ x) @ (p @ y) for p in draws]) / (x @ y)
+    for ratio in (norms, inner):
+        stderr = ratio.std().item() / len(draws) ** 0.5
+        assert abs(ratio.mean().item() - 1) < 4 * stderr and stderr < 0.05, (ratio.mean().item(), stderr)
+
+
+def test_sparse_rows_of_any_matrix_equal_the_matmul_and_refuse_dense_ones() -> None:
+    """SparseRows come from the matrix itself: a scaled SJLT (P diag(a), diag(b) P) is still exact."""
+    gen = torch.Generator().manual_seed(1)
+    p = make_projection(ProjectionInit.SJLT, 0, "x", "out", 16, 512)
+    a, b = torch.rand(512, generator=gen, dtype=torch.float64), torch.rand(16, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 7, 512, generator=gen, dtype=torch.float64)
+    for m in (p, p * a, b[:, None] * p, torch.diag(a)[:16]):
+        rows = SparseRows.of(m)
+        assert rows is not None and rows.index.shape[1] == 16
+        torch.testing.assert_close(rows.apply(x), x @ m.T, rtol=1e-13, atol=1e-13)
+    assert SparseRows.of(make_projection(ProjectionInit.GAUSSIAN, 0, "x", "out", 16, 512)) is None
+    assert SparseRows.of(torch.zeros(4, 64, dtype=torch.float64)) is not None  # all-zero rows: one zero slot
+
+
+def _wide_mlp() -> nn.Module:
+    """Widths (128 -> 96 -> 96 -> 64) where every side of k = 4 SJLT rows is sparse enough for the gather."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TokenMLP(d_in=128, hidden=96, classes=64).double().eval()
+
+
+def _wide_examples(n: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    lengths = [2, 5, 3, 4, 1][:n]
+    return [{"x": torch.randn(t, 128, generator=gen, dtype=torch.float64),
+             "y": torch.randint(0, 64, (t,), generator=gen)} for t in lengths]  # fmt: skip
+
+
+@pytest.mark.parametrize("include_bias", [False, True])
+def test_sjlt_gather_path_equals_the_dense_path_and_the_autograd_reference(include_bias: bool, monkeypatch) -> None:
+    """Through the logger in float64: rows by the gather equal rows by the dense matmul (forced by making
+    SparseRows.of refuse every matrix), and both equal the batch-size-1 autograd reference."""
+    model, examples = _wide_mlp(), _wide_examples(5)
+    cfg = logra.LoGraConfig(k_in=4, k_out=4, init="sjlt", dtype="float64", include_bias=include_bias, seed=4)
+    with logra.GradientLogger(model, cfg) as logger:
+        dev, dt = torch.device("cpu"), torch.float64
+        assert all(None not in c.sparse_projections(dev, dt) for c in logger._captures)  # the gather runs
+        _, fast = log_rows(logger, examples, list(range(5)), batch_size=3)
+    monkeypatch.setattr(SparseRows, "of", classmethod(lambda cls, p, max_fill=0.0: None))
+    with logra.GradientLogger(model, cfg) as dense_logger:
+        assert all(c.sparse_projections(dev, dt) == (None, None) for c in dense_logger._captures)
+        _, dense = log_rows(dense_logger, examples, list(range(5)), batch_size=3)
+    torch.testing.assert_close(fast, dense, rtol=1e-12, atol=1e-14)
+    expected = reference_rows(model, examples, logger.layers, logger.projection, include_bias=include_bias)
+    assert_rows_close(fast, expected, logger.layers, 1e-10)
+
+
+def test_sjlt_curvature_uses_its_gram() -> None:
+    """SJLT rows are not orthonormal (squared norms about n/k): full-size damping needs P Pᵀ."""
+    from logra.capture.layers import projection_grams
+
+    cfg = logra.LoGraConfig(k_in=4, k_out=4, init="sjlt")
+    with logra.GradientLogger(_wide_mlp(), cfg) as logger:
+        grams = projection_grams(cfg, logger.layers)
+    for layer in logger.layers:
+        p_in, p_out = logger.projection(layer.name)
+        g_out, g_in = grams[layer.name]
+        assert g_out is not None and g_in is not None
+        torch.testing.assert_close(g_in, p_in @ p_in.T)
+        torch.testing.assert_close(g_out, p_out @ p_out.T)
+
+
+def test_sjlt_gather_path_follows_scalings_folded_into_the_projections(monkeypatch) -> None:
+    """P_in diag(b) and P_out diag(a) (an optimizer correction folded in) keep the gather exact: its
+    rows come from the scaled matrices, not from the seed."""
+    from logra.capture import layers as layers_module
+
+    drawn = layers_module.draw_projections
+
+    def scaled(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        p_in, p_out = drawn(*args)  # type: ignore[arg-type]
+        b = torch.linspace(0.5, 2.0, p_in.shape[1], dtype=torch.float64)
+        a = torch.linspace(2.0, 0.25, p_out.shape[1], dtype=torch.float64)
+        return p_in * b, p_out * a
+
+    monkeypatch.setattr(layers_module, "draw_projections", scaled)
+    model, examples = _wide_mlp(), _wide_examples(4)
+    cfg = logra.LoGraConfig(k_in=4, k_out=4, init="sjlt", dtype="float64", seed=1)
+    with logra.GradientLogger(model, cfg) as logger:
+        rows = logger._captures[0].sparse_projections(torch.device("cpu"), torch.float64)
+        p_in, p_out = logger.projection(logger.layers[0].name)
+        assert rows[0] is not None and rows[1] is not None
+        assert not torch.equal(p_out, make_projection(cfg.init, 1, logger.layers[0].name, "out", 4, p_out.shape[1]))
+        _, fast = log_rows(logger, examples, list(range(4)), batch_size=4)
+    expected = reference_rows(model, examples, logger.layers, logger.projection)
+    assert_rows_close(fast, expected, logger.layers, 1e-10)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from logra.capture.projection import SparseRows
 from logra.errors import CaptureError
 from logra.types import LayerInfo
 
@@ -52,6 +53,7 @@ class LayerCapture:
         source: Callable[[], tuple[Tensor, Tensor]],
         active: Callable[[], Any],
         shared_inputs: dict[tuple[Any, ...], Tensor] | None = None,
+        scaled: bool = False,
     ) -> None:
         self.info = info
         self.module = module
@@ -59,19 +61,24 @@ class LayerCapture:
         # when info.bias. Only the copies in the compute dtype and device are kept, not the float64 draw.
         self._source = source
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        # The same copies as `SparseRows` where few entries per row are nonzero (init=sjlt): applied by
+        # a gather instead of a matmul. Derived from the copies themselves, so scalings folded into them count.
+        self._sparse: dict[tuple[torch.device, torch.dtype], tuple[SparseRows | None, SparseRows | None]] = {}
         # When input projections are shared: one P_in copy per (n_in, k_in, device, dtype), owned by
         # the logger, so that layers of one width hold one matrix and can reuse each other's x̃.
         self._shared_inputs = shared_inputs
         self._active = active
         # A side whose k equals its width is the identity for every init (logra.capture.projection):
         # it is applied as a copy, not as an (n, n) matmul per token.
-        self._identity_in = info.k_in == info.n_in
-        self._identity_out = info.k_out == info.n_out
+        # `scaled`: an optimizer correction is folded into the projections, so a full-width side is
+        # diag(scale), not the identity: it goes through `_project` (one gather slot by SparseRows, n >= 16).
+        self._identity_in = info.k_in == info.n_in and not scaled
+        self._identity_out = info.k_out == info.n_out and not scaled
         self.calls: list[_Call] = []
         # Draw the copies for the weight's device and dtype now, so the first batch does no setup.
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor) and weight.is_floating_point() and weight.device.type != "meta":
-            self.projections(weight.device, _compute_dtype(weight.dtype))
+            self.sparse_projections(weight.device, _compute_dtype(weight.dtype))  # draws the projections too
         self._handle: RemovableHandle | None = module.register_forward_hook(self._forward_hook)
 
     def projections(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -84,12 +91,23 @@ class LayerCapture:
             self._cache[key] = (p_in, p_out.to(device, dtype))
         return self._cache[key]
 
+    def sparse_projections(
+        self, device: torch.device, dtype: torch.dtype
+    ) -> tuple[SparseRows | None, SparseRows | None]:
+        """(P_in without its bias column, P_out) of `projections` as `SparseRows`, None where a side is dense."""
+        key = (device, dtype)
+        if key not in self._sparse:
+            p_in, p_out = self.projections(device, dtype)
+            self._sparse[key] = (SparseRows.of(p_in[:, :-1] if self.info.bias else p_in), SparseRows.of(p_out))
+        return self._sparse[key]
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
         self.calls.clear()
         self._cache.clear()
+        self._sparse.clear()
 
     # The forward hook keeps x̃ and puts a hook on the output for g̃.
     def _forward_hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -118,10 +136,11 @@ class LayerCapture:
             if self._identity_in:  # (B, M, n_in): a copy, so that later in-place edits of x do not reach it
                 ones = torch.ones((*xc.shape[:2], 1), dtype=xc.dtype, device=xc.device)
                 xt = torch.cat([xc, ones], dim=-1) if self.info.bias else xc.clone()
-            elif self.info.bias:
-                xt = xc @ p_in[:, :-1].T + p_in[:, -1]  # (B, M, k_in): the bias input is a constant 1
             else:
-                xt = xc @ p_in.T
+                sparse_in = self.sparse_projections(x.device, p_in.dtype)[0]
+                xt = _project(xc, p_in[:, :-1] if self.info.bias else p_in, sparse_in)  # (B, M, k_in)
+                if self.info.bias:
+                    xt = xt + p_in[:, -1]  # the bias input is a constant 1
             if mask is not None:
                 xt = _apply_mask(xt, mask)
             batch.projected_inputs[id(p_in)] = (weakref.ref(x), x._version, xt)
@@ -132,7 +151,8 @@ class LayerCapture:
 
         def grad_hook(grad: Tensor) -> None:
             flat = grad.detach().reshape(B, -1, grad.shape[-1]).to(p_out.dtype)
-            g = flat.clone() if self._identity_out else flat @ p_out.T  # (B, M, k_out)
+            sparse_out = None if self._identity_out else self.sparse_projections(flat.device, p_out.dtype)[1]
+            g = flat.clone() if self._identity_out else _project(flat, p_out, sparse_out)  # (B, M, k_out)
             if call.mask is not None:
                 g = _apply_mask(g, call.mask)
             call.g = g if call.g is None else call.g + g
@@ -143,6 +163,11 @@ class LayerCapture:
         """The calls of the finished batch (then forgotten)."""
         calls, self.calls = self.calls, []
         return calls
+
+
+def _project(x: Tensor, p: Tensor, sparse: SparseRows | None) -> Tensor:
+    """x (..., n) @ p (k, n)ᵀ -> (..., k): by a gather where `sparse` holds p's rows, else a matmul."""
+    return x @ p.T if sparse is None else sparse.apply(x)
 
 
 def _apply_mask(t: Tensor, mask: Tensor) -> Tensor:

@@ -47,6 +47,16 @@ def layer_table(
     return layers, projections
 
 
+def scaled_projections(
+    source: Callable[[], tuple[Tensor, Tensor]], scale_in: Tensor, scale_out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(P_in diag(b) (k_in, n_in), P_out diag(a) (k_out, n_out)) from `source`'s (P_in, P_out), float64:
+    an optimizer correction (`logra.curvature.optimizer`) folded into the projections. b = `scale_in`
+    (n_in,), a = `scale_out` (n_out,)."""
+    p_in, p_out = source()
+    return p_in * scale_in.to(p_in.dtype), p_out * scale_out.to(p_out.dtype)
+
+
 def shares_input_projection(config: LoGraConfig) -> bool:
     """Whether layers of equal (n_in, k_in) use one input projection (pca ones are always per layer)."""
     return config.share_input_projection and config.init is not ProjectionInit.PCA
@@ -74,7 +84,7 @@ def projection_grams(
     orthonormal rows, and a side with k equal to its width is the identity. Damping in full-size
     units adds λ P Pᵀ to a projected curvature (`logra.curvature.precondition`).
     """
-    if config.init not in (ProjectionInit.GAUSSIAN, ProjectionInit.RADEMACHER):
+    if config.init.orthonormal_rows:  # gaussian, rademacher and sjlt rows are not orthonormal
         return {layer.name: (None, None) for layer in layers}
     grams: dict[str, tuple[Tensor | None, Tensor | None]] = {}
     for info in layers:

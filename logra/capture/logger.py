@@ -15,6 +15,7 @@ a `QueryRows` of several) to the `Scorer`, which checks them against the store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -22,19 +23,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from logra.capture.adapters import LayerAdapter, layer_weight, select_layers
 from logra.capture.hooks import LayerCapture, per_example_gradients
-from logra.capture.layers import layer_table, shares_input_projection
+from logra.capture.layers import layer_table, scaled_projections, shares_input_projection
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy
 from logra.errors import CaptureError, ConfigError, DuplicateIdError, NonFiniteGradientError, StoreError
 from logra.store.reader import GradientStore
 from logra.store.writer import StoreWriter
 from logra.types import ExampleId, IdsLike, KroneckerStatistics, LayerInfo, normalize_ids, outer
+
+if TYPE_CHECKING:
+    from logra.curvature.optimizer import OptimizerCorrection
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 
@@ -156,6 +160,9 @@ class GradientLogger:
             a store given, more than one process), the ranks are checked to agree before
             anything is logged and the store is merged when the `with` block ends without an
             error (or by `logra.distributed.finalize_store(logger)` on every rank).
+        correction: the `OptimizerCorrection` (Adam's factorised second moments) the config names in
+            `optimizer_correction`, folded into the projections; required exactly when it names one.
+            Saved into the store, so the query side can take it back with `from_store(store)`.
     """
 
     def __init__(
@@ -168,6 +175,7 @@ class GradientLogger:
         statistics: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
+        correction: OptimizerCorrection | None = None,
     ) -> None:
         self.model = model
         self._merge_on_exit = False
@@ -191,6 +199,7 @@ class GradientLogger:
             # Projections are redrawn from their seed when needed: no float64 copy is held (they can be
             # hundreds of MB for a large model); kept after close() for `projection()`.
             self.layers, self._projections = layer_table(self.config, selected)
+            self.correction = self._fold_correction(correction)
             self._attach_hooks(selected)
             self.dim = sum(layer.size for layer in self.layers)
             self.model_fingerprint = model_fingerprint(model, selected)
@@ -222,16 +231,44 @@ class GradientLogger:
 
     def _attach_hooks(self, selected: list[tuple[str, nn.Module, type[LayerAdapter]]]) -> None:
         """One `LayerCapture` per logged layer; layers of one input width share P_in when configured."""
-        shared_inputs: dict[tuple[Any, ...], Tensor] | None = {} if shares_input_projection(self.config) else None
+        shared = shares_input_projection(self.config) and self.correction is None  # corrected P_in are per layer
+        shared_inputs: dict[tuple[Any, ...], Tensor] | None = {} if shared else None
+        scaled = self.correction is not None
         for info, (_, module, _) in zip(self.layers, selected):
             source = self._projections[info.name]
-            self._captures.append(LayerCapture(info, module, source, lambda: self._batch, shared_inputs))
+            self._captures.append(LayerCapture(info, module, source, lambda: self._batch, shared_inputs, scaled))
+
+    def _fold_correction(self, correction: OptimizerCorrection | None) -> OptimizerCorrection | None:
+        """Check `correction` against the config and fold its scalings into every layer's projections."""
+        from logra.curvature.optimizer import OptimizerCorrection  # curvature imports capture: at call time
+
+        if correction is None:
+            if self.config.optimizer_correction is not None:
+                raise ConfigError(
+                    f"the config names optimizer_correction={self.config.optimizer_correction!r} but no correction "
+                    "was given; pass GradientLogger(..., correction=OptimizerCorrection.from_store(store)) (or the "
+                    "correction the store was logged with)."
+                )
+            return None
+        if not isinstance(correction, OptimizerCorrection):
+            raise ConfigError(f"correction must be an OptimizerCorrection, got {type(correction).__name__}.")
+        correction.check(self.config, self.layers)
+        for info in self.layers:
+            scale_out, scale_in = correction.scales[info.name]
+            self._projections[info.name] = functools.partial(
+                scaled_projections, self._projections[info.name], scale_in, scale_out
+            )
+        return correction
 
     def _open_store(self, store: str | os.PathLike[str], shard_rows: int | None, rank: int, world_size: int) -> None:
         """Create or resume the store; a resumed store's statistics become this logger's running sums."""
         itemsize = self.config.dtype.itemsize
         rows = shard_rows if shard_rows is not None else max(1, DEFAULT_SHARD_BYTES // (self.dim * itemsize))
         self._writer = StoreWriter(store, self.config, self.model_fingerprint, self.layers, rows, rank, world_size)
+        if self.correction is not None and rank == 0:  # the scorer's query side reads it back from the store
+            from logra.curvature.optimizer import CORRECTION_FILE
+
+            self.correction.save(self._writer.root / CORRECTION_FILE)
         manifest = self._writer.manifest
         statistics = self._track_statistics
         if (manifest.shards or manifest.skipped) and (manifest.statistics is not None) != statistics:

@@ -11,11 +11,20 @@ A side whose k equals its width n (k is clipped to the width, so this is every k
 identity for every init: it is exact and distorts nothing. A square gaussian or rademacher matrix
 would be invertible but badly conditioned, so damping added in its basis would act on a distorted
 curvature; a square orthogonal or pca matrix is a rotation, which the identity is equivalent to.
+
+init=sjlt is FactGraSS's structured sparse projection (GraSS, arXiv 2505.18976) applied per side:
+a random mask keeps k' = min(n, SJLT_MASK_FACTOR * k) of the n coordinates, then a sparse
+Johnson-Lindenstrauss transform maps them to k numbers. FactGraSS itself applies its SJLT after
+the Kronecker product; logra keeps the factorised (k_out x k_in) row layout that KFAC and EK-FAC
+need, so both the mask and the SJLT act on each side separately. It is still returned as a dense
+(k, n) matrix, so every code path works unchanged; `SparseRows` is how the hooks apply any
+matrix with few nonzeros per row (a gather and a short sum instead of a matmul).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -73,6 +82,8 @@ def make_projection(
         return q.T.contiguous()
     if init is ProjectionInit.IDENTITY:
         return torch.eye(n, dtype=torch.float64)[:k].contiguous()
+    if init is ProjectionInit.SJLT:
+        return _sjlt(gen, k, n)
     if init is ProjectionInit.PCA:
         if factor is None or factor.shape != (n, n):
             got = None if factor is None else tuple(factor.shape)
@@ -86,3 +97,71 @@ def make_projection(
         pivot = top.gather(1, top.abs().argmax(dim=1, keepdim=True))
         return (top * torch.sign(pivot)).contiguous()
     raise ConfigError(f"unknown projection init {init!r}")
+
+
+SJLT_MASK_FACTOR = 4
+"""init=sjlt keeps k' = min(n, SJLT_MASK_FACTOR * k) coordinates of a width-n side (the random mask)."""
+SJLT_NONZEROS = 1
+"""init=sjlt: nonzeros per kept coordinate, s (clipped to k): one in each of s blocks of rows."""
+
+
+def _sjlt(gen: torch.Generator, k: int, n: int) -> Tensor:
+    """(k, n) float64: a random mask of k' = min(n, SJLT_MASK_FACTOR·k) columns, then an SJLT to k rows.
+
+    The rows are split into s = min(SJLT_NONZEROS, k) blocks (Kane and Nelson's block construction);
+    each kept column gets one ±1 in every block, in a row drawn so that the rows of a block hold
+    equally many entries (loads differ by at most one). The scale sqrt(n / (k' s)) makes
+    E‖P x‖² = ‖x‖² over the draw, as for the gaussian init, and every row's squared norm is about n/k.
+    """
+    kept = min(n, SJLT_MASK_FACTOR * k)
+    s = min(SJLT_NONZEROS, k)
+    cols = torch.randperm(n, generator=gen)[:kept]  # (k',) the random mask
+    bounds = [(r * k) // s for r in range(s + 1)]
+    p = torch.zeros(k, n, dtype=torch.float64)
+    scale = (n / (kept * s)) ** 0.5
+    for r in range(s):
+        size = bounds[r + 1] - bounds[r]
+        rows = bounds[r] + (torch.arange(kept) % size)[torch.randperm(kept, generator=gen)]  # balanced loads
+        signs = 2 * torch.randint(0, 2, (kept,), generator=gen, dtype=torch.int64).to(torch.float64) - 1
+        p[rows, cols] = signs * scale
+    return p
+
+
+SPARSE_MAX_FILL = 1 / 16
+"""The hooks apply a projection by `SparseRows` when no row has more than this fraction of its width
+nonzero: each of the L slots costs one k-column gather, about 16 times a column of a dense matmul
+on a CPU (benchmarks/projection_init.py), so sparser rows are cheaper that way."""
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """A (k, n) matrix with at most L nonzeros per row, stored slot by slot for a gather.
+
+    index (L, k) int64: slot l holds, for every row, the column of its l-th nonzero; value (L, k):
+    those entries, 0 where a row has fewer than l+1 nonzeros (then the slot points at a column where
+    the row is 0). Built from the actual matrix (`of`), so a matrix scaled after it was drawn
+    (P diag(a), diag(a) P) is represented exactly, whatever its init.
+    """
+
+    index: Tensor
+    value: Tensor
+
+    @classmethod
+    def of(cls, p: Tensor, max_fill: float = SPARSE_MAX_FILL) -> SparseRows | None:
+        """The rows of p (k, n), or None when some row has more than max_fill * n nonzeros."""
+        nonzero = p != 0
+        width = int(nonzero.sum(dim=1).max()) if p.numel() else 0
+        if width > max_fill * p.shape[1]:
+            return None
+        width = max(width, 1)
+        # A stable sort puts each row's nonzero columns first, in column order; the rest are zeros of p.
+        order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :width]  # (k, L)
+        return cls(order.T.contiguous(), p.gather(1, order).T.contiguous())
+
+    def apply(self, x: Tensor) -> Tensor:
+        """x (..., n) -> x @ pᵀ (..., k): per slot, one gather of k columns and a fused multiply-add."""
+        flat = x.reshape(-1, x.shape[-1])  # (N, n): a gather along the last dim of a 2-D tensor is 2-3x faster
+        out = flat.index_select(1, self.index[0]).mul_(self.value[0])
+        for cols, vals in zip(self.index[1:], self.value[1:]):
+            out.addcmul_(flat.index_select(1, cols), vals)
+        return out.view(*x.shape[:-1], out.shape[1])

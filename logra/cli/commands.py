@@ -140,17 +140,22 @@ def _true_fisher(store: Any, method: str, num_samples: int, batch_size: int) -> 
     )  # fmt: skip
 
 
-def _query_rows(args: argparse.Namespace, store: Any) -> tuple[list[Any], Any, dict[str, Any]]:
-    """Log the query file with the store's config and settings; (query ids, QueryRows, the fields read)."""
+def _query_rows(
+    args: argparse.Namespace, store: Any, statistics: bool = False
+) -> tuple[list[Any], Any, dict[str, Any], Any]:
+    """Log the query file with the store's config, settings and optimizer correction; (query ids,
+    QueryRows, the fields read, the queries' Kronecker statistics with `statistics`, else None)."""
     from logra.capture.logger import GradientLogger, QueryRows
     from logra.cli.inputs import ModelSettings, encode, load_model, load_records, log_examples
+    from logra.curvature.optimizer import OptimizerCorrection
 
     saved = ModelSettings.load(store.root)
     settings = settings_from(args, saved)
     records = load_records(args.queries, settings, args.split, args.limit)  # before the model loads
     model, tokenizer, task = load_model(settings)
     encoded = encode(records, tokenizer, task, settings.max_length, getattr(model.config, "label2id", None))
-    with GradientLogger(model, store.config, store=None, statistics=False) as logger:
+    correction = OptimizerCorrection.from_store(store) if store.config.optimizer_correction else None
+    with GradientLogger(model, store.config, store=None, statistics=statistics, correction=correction) as logger:
         if logger.model_fingerprint != store.manifest.model_fingerprint:
             raise ConfigError(
                 f"the model {settings.model!r} is not the one the store at {store.root} was logged with "
@@ -167,6 +172,7 @@ def _query_rows(args: argparse.Namespace, store: Any) -> tuple[list[Any], Any, d
             keep_rows=True,
         )
         fingerprint, layers = logger.model_fingerprint, tuple(logger.layers)
+        kronecker = logger.statistics() if statistics else None
     if rows is None or rows.shape[0] != len(encoded.ids):
         raise ConfigError(
             f"{len(encoded.ids)} queries gave {0 if rows is None else rows.shape[0]} gradients; "
@@ -180,7 +186,7 @@ def _query_rows(args: argparse.Namespace, store: Any) -> tuple[list[Any], Any, d
         "split": args.split,
         "limit": args.limit,
     }
-    return encoded.ids, QueryRows(list(encoded.ids), rows, store.config, fingerprint, layers), fields
+    return encoded.ids, QueryRows(list(encoded.ids), rows, store.config, fingerprint, layers), fields, kronecker
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -191,8 +197,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not args.out and not args.matrix:
         raise ConfigError("pass --out FILE (top-k table), --matrix FILE.npy (all scores), or both.")
     store = GradientStore.open(args.store)
-    query_ids, rows, fields = _query_rows(args, store)
-    scorer = _scorer(store, _preconditioner(args, store), args.normalization, args.chunk_rows)
+    trackstar = _check_preset(args)
+    query_ids, rows, fields, kronecker = _query_rows(args, store, statistics=trackstar and args.method != "raw")
+    if trackstar:
+        from logra.curvature.mixed import mixed_preconditioner
+
+        if store.config.optimizer_correction is None:
+            say("warning: the store was logged without an optimizer correction (logra log --preset trackstar)")
+        pre, lam = mixed_preconditioner(
+            store, rows, args.method, mix=args.mix, query_statistics=kronecker, damping=args.damping
+        )
+        say(f"trackstar: {args.method} curvature mixed with the queries' at λ={lam:.4g}, cosine scores")
+    else:
+        pre = _preconditioner(args, store)
+    scorer = _scorer(store, pre, args.normalization, args.chunk_rows)
     rank, world = rank_world()
     if args.matrix:
         matrix = Path(args.matrix)
@@ -214,6 +232,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             "query_fields": fields,
             "normalization": args.normalization,
             "preconditioner": args.preconditioner or args.method,
+            "preset": args.preset,
         }
         if rank == 0:
             write_json(Path(str(matrix) + ".json"), meta)
@@ -236,6 +255,24 @@ def cmd_score(args: argparse.Namespace) -> int:
         write_json(Path(str(args.out) + ".json"), {"provenance": _provenance(scorer, rows), "top_k": k})
         say(f"wrote the top {k} helpful and harmful examples of {len(query_ids)} queries -> {args.out}")
     return 0
+
+
+def _check_preset(args: argparse.Namespace) -> bool:
+    """Resolve --normalization against --preset; True under --preset trackstar."""
+    trackstar = args.preset == "trackstar"
+    if not trackstar:
+        if args.mix is not None:
+            raise ConfigError("--mix is the mixing weight of --preset trackstar; pass --preset trackstar or drop it.")
+        args.normalization = args.normalization or "dot"
+        return False
+    if args.normalization not in (None, "cosine"):
+        raise ConfigError(f"--preset trackstar scores by cosine; drop --normalization {args.normalization}.")
+    if args.preconditioner:
+        raise ConfigError("--preset trackstar fits its mixed curvature from the queries; drop --preconditioner.")
+    if args.method not in ("kfac", "ekfac", "raw"):
+        raise ConfigError(f"--preset trackstar mixes kfac, ekfac or raw curvature, not --method {args.method}.")
+    args.normalization = "cosine"
+    return True
 
 
 def cmd_self_influence(args: argparse.Namespace) -> int:
@@ -308,6 +345,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = GradientStore.open(args.store)
     store.verify()
     ModelSettings.load(store.root)  # signed: an edited or damaged logra-cli.json raises
+    if store.config.optimizer_correction is not None:
+        from logra.curvature.optimizer import OptimizerCorrection
+
+        OptimizerCorrection.from_store(store)  # its fingerprint is in the checksummed manifest's config
     for saved in sorted(store.root.glob("preconditioner-*/preconditioner.json")):
         load_preconditioner(saved.parent)  # signed JSON, size and checksum of its factors
     print(f"{args.store}: OK ({len(store)} rows, D={store.dim}, {len(store.manifest.shards)} shards, checksums match)")

@@ -65,11 +65,13 @@ def cmd_log(args: argparse.Namespace) -> int:
         )
     settings.extra = {"data": data_path, "split": args.split, "limit": args.limit}
     if args.streaming:
-        return log_stream(args, out, model, tokenizer, task, settings, config, stream, say)
+        config, correction = _correction(args, model, config)
+        return log_stream(args, out, model, tokenizer, task, settings, config, stream, say, correction)
     encoded = encode(records, tokenizer, task, settings.max_length, getattr(model.config, "label2id", None))
     if args.budget:
         config = _budget_config(args, model, encoded, task, settings, config)
-    estimate = _estimate(args, model, encoded, task, settings, config)
+    config, correction = _correction(args, model, config)
+    estimate = _estimate(args, model, encoded, task, settings, config, correction)
     if args.dry_run:
         return 0
     rank, world = rank_world()
@@ -83,7 +85,7 @@ def cmd_log(args: argparse.Namespace) -> int:
                           targets=encoded.targets[share.start : share.stop])  # fmt: skip
     start = time.perf_counter()
     with GradientLogger(  # under a process group: rank and world from it, merged when the block ends
-        model, config, store=out, shard_rows=args.shard_rows, statistics=not args.no_statistics
+        model, config, store=out, shard_rows=args.shard_rows, statistics=not args.no_statistics, correction=correction
     ) as logger:
         if rank == 0:
             settings.save(out)
@@ -109,13 +111,33 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
-def _estimate(args: argparse.Namespace, model: Any, encoded: Any, task: Any, settings: Any, config: Any) -> Any:
+def _correction(args: argparse.Namespace, model: Any, config: Any) -> tuple[Any, Any]:
+    """(config, OptimizerCorrection) with --optimizer-state (required by --preset trackstar), else (config, None)."""
+    from logra.curvature.optimizer import trainer_second_moments
+    from logra.presets import Preset, trackstar_config
+
+    if args.preset == Preset.TRACKSTAR.value and not args.optimizer_state:
+        raise ConfigError(
+            "--preset trackstar divides gradients by Adam's second moments: pass --optimizer-state with the "
+            "Trainer checkpoint directory (holding optimizer.pt) of the model's training run."
+        )
+    if not args.optimizer_state:
+        return config, None
+    moments = trainer_second_moments(args.optimizer_state, model)
+    config, correction = trackstar_config(model, config, moments, power=args.correction_power)
+    say(f"optimizer correction {correction.fingerprint()} from {args.optimizer_state} (Adam's factorised sqrt(v))")
+    return config, correction
+
+
+def _estimate(
+    args: argparse.Namespace, model: Any, encoded: Any, task: Any, settings: Any, config: Any, correction: Any = None
+) -> Any:
     """Say D, bytes per example and the corpus total; with --dry-run also time --time-batches batches in memory."""
     from logra.capture.logger import GradientLogger
     from logra.cli.inputs import log_examples
     from logra.estimate import estimate_run
 
-    with GradientLogger(model, config, statistics=not args.no_statistics) as probe:
+    with GradientLogger(model, config, statistics=not args.no_statistics, correction=correction) as probe:
         estimate = estimate_run(probe, len(encoded.ids))
         if args.dry_run:
             n = min(len(encoded.ids), args.time_batches * args.batch_size)

@@ -15,6 +15,7 @@ from logra.curvature.fisher import EXACT_FISHER_MAX_CLASSES
 from logra.curvature.moments import FisherKind
 from logra.curvature.precondition import PreconditionerMethod
 from logra.losses import Task, TokenReduction
+from logra.presets import Preset
 from logra.score import Normalization
 from logra.types import enum_values
 
@@ -147,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--nonfinite", default=NonFinitePolicy.RAISE.value, choices=enum_values(NonFinitePolicy), help="on NaN/Inf"
     )
+    g.add_argument(
+        "--preset",
+        choices=enum_values(Preset),
+        help="trackstar: log optimizer-corrected gradients (needs --optimizer-state); score the store with "
+        "`logra score --preset trackstar` (logra.presets)",
+    )
+    g.add_argument(
+        "--optimizer-state",
+        help="a Hugging Face Trainer checkpoint directory (or its optimizer.pt, read with weights_only): divide "
+        "gradients by Adam's factorised sqrt(v) (logra.curvature.optimizer)",
+    )
+    g.add_argument(
+        "--correction-power",
+        type=float,
+        default=0.5,
+        help="with --optimizer-state: gradients times v^-POWER per side; 0.5 is TrackStar's, 0.25 one Adam step's",
+    )
     g.add_argument("--shard-rows", type=positive, help="rows per shard (default: 256 MiB shards)")
     g.add_argument("--no-statistics", action="store_true", help="do not accumulate KFAC statistics")
     g.add_argument("--resume", action="store_true", help="continue a store, skipping the examples it holds")
@@ -195,9 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--normalization",
         choices=enum_values(Normalization),
-        default=Normalization.DOT.value,
-        help="dot: g_qᵀH⁻¹g_i; cosine: both normalised; relative: by the training example's norm",
+        help="dot (default): g_qᵀH⁻¹g_i; cosine (the default of --preset trackstar): both normalised; "
+        "relative: by the training example's norm",
     )
+    p.add_argument(
+        "--preset",
+        choices=enum_values(Preset),
+        help="trackstar: cosine scores with the mixed curvature (1-λ) R_train + λ R_queries of --method "
+        "(kfac, ekfac or raw); the store should be logged with `logra log --preset trackstar`",
+    )
+    p.add_argument("--mix", type=float, help="--preset trackstar: λ in [0, 1] (default: TrackStar's automatic rule)")
     p.add_argument("--chunk-rows", type=positive, default=4096, help="training rows per matmul")
     _model_options(p, required=False)
     _precondition_options(p)

@@ -88,9 +88,11 @@ def _records(rows: Any, path: str, settings: Any, limit: int | None) -> Iterator
 
 def log_stream(
     args: argparse.Namespace, out: Path, model: Any, tokenizer: Any, task: Any, settings: Any, config: Any,
-    records: Iterator[dict[str, Any]], say: Any,
+    records: Iterator[dict[str, Any]], say: Any, correction: Any = None,
 ) -> int:  # fmt: skip
-    """Log the streamed `records` into the store `out` (or, with --dry-run, time a few batches)."""
+    """Log the streamed `records` into the store `out` (or, with --dry-run, time a few batches).
+
+    correction: the OptimizerCorrection `config` names (--optimizer-state), or None."""
     from tqdm.auto import tqdm
 
     from logra.capture.logger import GradientLogger
@@ -101,7 +103,7 @@ def log_stream(
 
     label2id = getattr(model.config, "label2id", None)
     rank, _ = rank_world()
-    with GradientLogger(model, config, statistics=not args.no_statistics) as probe:
+    with GradientLogger(model, config, statistics=not args.no_statistics, correction=correction) as probe:
         estimate = estimate_run(probe, None)
         if args.dry_run:
             sample = encode(list(itertools.islice(records, args.time_batches * args.batch_size)), tokenizer, task,
@@ -114,7 +116,8 @@ def log_stream(
             return 0
     say("estimate: " + estimate.describe())
     start, n = time.perf_counter(), 0
-    with GradientLogger(model, config, store=out, shard_rows=args.shard_rows, statistics=not args.no_statistics) as lg:
+    with GradientLogger(model, config, store=out, shard_rows=args.shard_rows, statistics=not args.no_statistics,
+                        correction=correction) as lg:  # fmt: skip
         if rank == 0:
             settings.save(out)
         if lg.committed_ids:

@@ -61,6 +61,11 @@ def attach_tokens(
     from logra.cli.inputs import encode, load_model
     from logra.tokens import TokenAttributor
 
+    if meta.get("preset") or store.config.optimizer_correction is not None:
+        raise ConfigError(
+            "--tokens recomputes scores with a plain preconditioner and no optimizer correction, so it cannot "
+            "explain --preset trackstar or optimizer-corrected scores yet; drop --tokens."
+        )
     scorer = _scorer_of(store, meta["preconditioner"], meta["normalization"])
     model, tokenizer, task = load_model(settings)
     label2id = getattr(model.config, "label2id", None)

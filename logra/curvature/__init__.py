@@ -5,6 +5,9 @@
 - `fisher`: the true Fisher, a statistics-only capture pass with labels drawn from the model.
 - `precondition`: the preconditioners (identity, kfac, ekfac, raw), their damping and fitting.
 - `saved`: a preconditioner on disk (JSON and an .npz, checksummed, no pickle).
+- `optimizer`: Adam's second moments (live optimizer or Trainer checkpoint), factorised into scalings
+  folded into the projections (TrackStar's optimizer correction).
+- `mixed`: TrackStar's mixed curvature (1 - λ) R_train + λ R_query for raw, kfac and ekfac.
 - `objective`, `hvp`, `solvers`, `arnoldi`: the seeds' solvers without Kronecker factors (exact,
   CG, LiSSA on unprojected stores; Arnoldi's eigenbasis as a projection), from Hessian- or
   Gauss-Newton-vector products of the training loss.

@@ -25,8 +25,9 @@ from logra.store.files import fsync_dir, json_checksum, read_regular, write_atom
 from logra.types import ExampleId, LayerInfo
 
 FORMAT = "logra-gradient-store"
-FORMAT_VERSION = 4  # 2: input projections shared by default; 3: a side with k = width is the identity;
-# 4: sizes of id and statistics files recorded, for bounded reads. No migration.
+FORMAT_VERSION = 5  # 2: input projections shared by default; 3: a side with k = width is the identity;
+# 4: sizes of id and statistics files recorded, for bounded reads; 5: the config names its optimizer correction
+# (its fingerprint covers the new field). No migration.
 MANIFEST = "manifest.json"
 MAX_COUNT = 2**53  # no width, size or row count in a manifest may exceed this
 MAX_MANIFEST_BYTES = 2**30  # a manifest is read only when it is a regular file of at most this size
