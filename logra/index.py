@@ -63,14 +63,32 @@ def _faiss() -> ModuleType:
     return faiss
 
 
-def default_factory(rows: int) -> str:
-    """The FAISS factory string for `rows` rows: IVF with about 4·sqrt(N) lists over 8-bit codes.
+SQ8_MAX_BYTES = 2**32  # 4 GiB: above this, default_factory uses product-quantised codes. PQ is kept for
+# stores whose SQ8 codes would not fit in memory: at 1M x 1024 its harmful-direction recall@10 was 0.13-0.66
+# against SQ8's exact stage-two answers (benchmarks/scale.py), its helpful-direction recall 0.96-1.00.
+MAX_LISTS = 1024  # the add step costs N x lists x D multiply-adds (one coarse assignment per row)
 
-    The lists are capped so that each holds about 39 training rows (FAISS's minimum); 8-bit
-    scalar codes take D bytes a row, half a bf16 store, and stage two re-scores exactly anyway.
+
+def default_factory(rows: int, dim: int) -> str:
+    """The FAISS factory string for `rows` rows of width `dim`: IVF over 8-bit or PQ codes.
+
+    Lists: about 4·sqrt(N), at most one per 39 rows (FAISS's minimum training set) and at most
+    MAX_LISTS: assigning every row to its list costs N x lists x width multiply-adds, at 10M x 1056
+    1.1e13 with the cap instead of 1.3e14 at 4·sqrt(N) = 12,649 lists; searches stay cheap
+    (nprobe x N / lists codes per query) and stage two re-scores exactly.
+    Codes: 8-bit scalar (SQ8, one byte per column, half a bf16 store) while N x width fits in
+    SQ8_MAX_BYTES; above it, PQ with one 8-bit sub-quantizer per 16 columns (width / 16 bytes a
+    row: 10M x 1024 takes 0.66 GB instead of SQ8's 10.6 GB), of the residual to the list centre.
     """
-    lists = max(1, min(int(4 * math.sqrt(rows)), rows // 39, 65536))
-    return f"IVF{lists},SQ8"
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"rows={rows!r} must be a positive int (the store's row count).")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ConfigError(f"dim={dim!r} must be a positive int (the store's row width D).")
+    lists = max(1, min(int(4 * math.sqrt(rows)), rows // 39, MAX_LISTS))
+    width = _width(dim)
+    if rows * width <= SQ8_MAX_BYTES:
+        return f"IVF{lists},SQ8"
+    return f"IVF{lists},PQ{width // 16}"  # width is a multiple of 32: whole 16-column blocks
 
 
 @dataclass(frozen=True)
@@ -97,7 +115,7 @@ class InfluenceIndex:
 
     Args:
         scorer: the exact `Scorer` (its store, preconditioner and normalisation decide the index).
-        factory: a FAISS index_factory string; None: the one on disk, or `default_factory(N)` for
+        factory: a FAISS index_factory string; None: the one on disk, or `default_factory(N, D)` for
             a new index. A string other than the one on disk makes the index stale.
         directory: where the index lives; default `<store>/index`.
         rebuild: build anew even when the index on disk is current.
@@ -138,7 +156,7 @@ class InfluenceIndex:
             store=store.fingerprint,
             preconditioner=preconditioner_fingerprint(scorer.preconditioner),
             normalization=scorer.normalization.value,
-            factory=factory or default_factory(len(store)),
+            factory=factory or default_factory(len(store), store.dim),
             rows=len(store),
             dim=store.dim,
         )

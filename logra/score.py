@@ -6,11 +6,11 @@ the query's loss (i is helpful); with H the mean per-example curvature of N trai
 removing i raises the query's loss by about score / N.
 
 The `Scorer` preconditions the queries once (float64), then streams the store in chunks and does
-one matmul per chunk, [Q, D] @ [D, n], in the compute dtype (half stores are upcast chunk by
-chunk). Peak memory is one chunk plus the queries, whatever N; the full [Q, N] matrix can go
-to a memory-mapped .npy file, whose space is reserved (posix_fallocate) before the map is
-written, so a full disk raises `StoreError` instead of killing the process with SIGBUS. Top-k
-keeps a running [Q, k] per query, merged with torch.topk.
+one matmul per chunk, [Q, D] @ [D, n], in the compute dtype (half stores are upcast a few hundred
+rows at a time, into a reused buffer that stays in cache). Peak memory is one chunk plus the
+queries, whatever N; the full [Q, N] matrix can go to a memory-mapped .npy file, whose space is
+reserved (posix_fallocate) before the map is written, so a full disk raises `StoreError` instead
+of killing the process with SIGBUS. Top-k keeps a running [Q, k] per query, merged with torch.topk.
 
 Queries are checked against the store: a query `GradientStore`, a `Record` of
 `GradientLogger.record` or a `QueryRows` carry their config, layer table and model fingerprint,
@@ -50,6 +50,7 @@ from logra.store.reader import GradientStore, LoggedRows, check_compatible
 from logra.types import ExampleId, parse_enum
 
 Queries = Tensor | GradientStore | LoggedRows  # LoggedRows: a capture Record or a QueryRows
+_BLOCK_ROWS = 512  # rows upcast per matmul in `Scorer._scores`: 2 MiB of float32 at D = 1024
 
 
 class Normalization(str, enum.Enum):
@@ -146,6 +147,8 @@ class Scorer:
         self.check_model = check_model
         self._queries_checked = query_config is not None  # bare tensors then need no warning
         self._chunk_pre = preconditioner.to(self.device, self.compute_dtype)
+        self._buffer: Tensor | None = None  # `_decoded`'s reused chunk
+        self._block: Tensor | None = None  # `_scores`'s reused block
 
     # ------------------------------------------------------------ public surface
 
@@ -186,7 +189,9 @@ class Scorer:
     def _fill(self, result: Tensor, q: _Queries) -> None:
         """Write the scores [Q, N] of the prepared queries into `result`, chunk by chunk."""
         for start, chunk, col_scale in self._stream(self.normalization is not Normalization.DOT):
-            result[:, start : start + chunk.shape[0]] = self._normalize(q.pre @ chunk.T, q.scale, col_scale).cpu()
+            result[:, start : start + chunk.shape[0]] = self._normalize(
+                self._scores(q.pre, chunk), q.scale, col_scale
+            ).cpu()
 
     def provenance(self, query_rows: Queries | None = None) -> dict[str, str]:
         """Fingerprints of what a score comes from: store, preconditioner and (when given) queries.
@@ -212,7 +217,7 @@ class Scorer:
         Q, N = q.pre.shape[0], len(self.store)
         results = {layer.name: torch.empty(Q, N, dtype=self.compute_dtype) for layer in self.store.layers}
         for start, chunk, col_scale in self._stream(self.normalization is not Normalization.DOT):
-            stop = start + chunk.shape[0]
+            stop, chunk = start + chunk.shape[0], self._decoded(chunk)
             for layer in self.store.layers:
                 cols = slice(layer.offset, layer.offset + layer.size)
                 part = self._normalize(q.pre[:, cols] @ chunk[:, cols].T, q.scale, col_scale)
@@ -229,7 +234,7 @@ class Scorer:
         empty = (torch.empty(Q, 0, dtype=self.compute_dtype), torch.empty(Q, 0, dtype=torch.long))
         best = {True: empty, False: empty}  # largest -> (values [Q, <=k], row indices [Q, <=k])
         for start, chunk, col_scale in self._stream(self.normalization is not Normalization.DOT):
-            s = self._normalize(q.pre @ chunk.T, q.scale, col_scale).cpu()  # (Q, n)
+            s = self._normalize(self._scores(q.pre, chunk), q.scale, col_scale).cpu()  # (Q, n)
             rows = torch.arange(start, start + s.shape[1]).expand(Q, -1)
             for largest, (values, index) in best.items():
                 values, index = torch.cat([values, s], dim=1), torch.cat([index, rows], dim=1)
@@ -304,21 +309,49 @@ class Scorer:
         return _Queries(pre.to(self.device, self.compute_dtype), scale)
 
     def _chunks(self) -> Iterator[tuple[int, Tensor]]:
-        """(first row, chunk (n, D)) in the compute dtype on the device, with a progress bar."""
+        """(first row, chunk (n, D)) with a progress bar: on the CPU in the storage dtype (views of
+        the map; `_decoded` and `_scores` upcast), on another device in the compute dtype."""
         n = len(self.store)
         total = -(-n // self.chunk_rows) if n else 0
         disable = None if self.progress is None else not self.progress
         chunks = self.store.iter_chunks(self.chunk_rows)
         for start, chunk in tqdm(chunks, total=total, desc="logra: scoring", disable=disable):
-            yield start, chunk.to(device=self.device, dtype=self.compute_dtype)
+            if self.device.type == "cpu":
+                yield start, chunk
+            else:  # the storage dtype crosses the bus (half the bytes for bf16); decoded on the device
+                yield start, chunk.to(self.device).to(self.compute_dtype)
 
     def _stream(self, need_scale: bool) -> Iterator[tuple[int, Tensor, Tensor | None]]:
         """(first row, chunk, column scale [n] or None): the scale is 1/sqrt(self-influence)."""
         for start, chunk in self._chunks():
             yield start, chunk, _inverse_sqrt(self._self_influence(chunk)) if need_scale else None
 
+    def _decoded(self, chunk: Tensor) -> Tensor:
+        """chunk (n, D) in the compute dtype: itself, or upcast into one buffer reused for every chunk
+        (valid until the next call). A fresh float32 chunk per step cost 8x the upcast into a warm buffer."""
+        if chunk.dtype == self.compute_dtype:
+            return chunk
+        if self._buffer is None or self._buffer.shape[0] < chunk.shape[0]:
+            self._buffer = torch.empty(chunk.shape[0], chunk.shape[1], dtype=self.compute_dtype)
+        return self._buffer[: chunk.shape[0]].copy_(chunk)
+
+    def _scores(self, pre: Tensor, chunk: Tensor) -> Tensor:
+        """pre [Q, D] @ chunk.T -> [Q, n]. A chunk in another dtype (bf16 on the CPU) is upcast
+        _BLOCK_ROWS rows at a time into a small buffer that stays in cache for its matmul: at 1M x
+        1024 bf16 rows, 1 thread, this took 0.68x the CPU time of upcasting 4096-row chunks first."""
+        if chunk.dtype == self.compute_dtype:
+            return pre @ chunk.T
+        if self._block is None:
+            self._block = torch.empty(_BLOCK_ROWS, chunk.shape[1], dtype=self.compute_dtype)
+        out = torch.empty(pre.shape[0], chunk.shape[0], dtype=self.compute_dtype)
+        for i in range(0, chunk.shape[0], _BLOCK_ROWS):
+            rows = self._block[: min(_BLOCK_ROWS, chunk.shape[0] - i)].copy_(chunk[i : i + _BLOCK_ROWS])
+            out[:, i : i + rows.shape[0]] = pre @ rows.T
+        return out
+
     def _self_influence(self, chunk: Tensor) -> Tensor:
-        return (self._chunk_pre.apply(chunk) * chunk).sum(dim=1)
+        x = self._decoded(chunk)
+        return (self._chunk_pre.apply(x) * x).sum(dim=1)
 
     @staticmethod
     def _normalize(scores: Tensor, row_scale: Tensor | None, col_scale: Tensor | None) -> Tensor:

@@ -163,3 +163,32 @@ def test_exhaustive_index_gives_the_exact_top_k(store: logra.GradientStore, tmp_
     assert torch.equal(two.helpful_rows, exact.helpful_rows) and torch.equal(two.harmful_rows, exact.harmful_rows)
     with pytest.raises(logra.ConfigError, match="applies to IVF"):
         index.shortlist(queries, 5, nprobe=2)
+
+
+def test_default_factory_compresses_large_stores() -> None:
+    """8-bit codes while they fit SQ8_MAX_BYTES, then PQ (width/16 bytes a row); lists capped."""
+    from logra.index import MAX_LISTS, SQ8_MAX_BYTES, default_factory
+
+    assert default_factory(3000, D) == "IVF76,SQ8"  # 4·sqrt(3000) = 219 > 3000 // 39 = 76
+    assert default_factory(100_000, 1024) == "IVF1024,SQ8"  # 4·sqrt(N) = 1264, capped
+    assert default_factory(10_000_000, 1024) == f"IVF{MAX_LISTS},PQ66"  # 1056 columns / 16
+    edge = SQ8_MAX_BYTES // 1056
+    assert default_factory(edge, 1024).endswith(",SQ8") and default_factory(edge + 1, 1024).endswith(",PQ66")
+    with pytest.raises(logra.ConfigError, match="rows=0"):
+        default_factory(0, 1024)
+
+
+def test_pq_index_recalls_with_a_larger_shortlist(store: logra.GradientStore, tmp_path: Path) -> None:
+    """The large-store default (IVF + PQ, width/16 sub-quantizers) through stage two: exact scores, high recall."""
+    scorer = _scorer(store, "dot")
+    queries = _clustered(8, seed=5).to(torch.float32)
+    with pytest.warns(UserWarning):
+        exact = scorer.top_k(queries, k=10)
+    index = InfluenceIndex(scorer, factory="IVF16,PQ4", directory=tmp_path, threads=1)
+    with pytest.warns(UserWarning):
+        two = index.top_k(queries, k=10, shortlist=300, nprobe=8)
+    assert _recall(two.helpful_rows, exact.helpful_rows) >= 0.95
+    assert _recall(two.harmful_rows, exact.harmful_rows) >= 0.95
+    with pytest.warns(UserWarning):
+        full = scorer.score(queries)
+    torch.testing.assert_close(two.helpful_scores, full.gather(1, two.helpful_rows), rtol=1e-5, atol=1e-5)

@@ -176,3 +176,33 @@ def test_float32_compute_on_a_float64_store(mlp: Logged) -> None:
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-5 * float(exact.abs().max()))
     with pytest.raises(logra.ConfigError, match="compute_dtype"):
         Scorer(mlp.store, pre, compute_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("chunk_rows", [50, 64, 333, 1000])
+def test_bf16_store_upcast_in_blocks_matches_a_float64_reference(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    """The CPU path upcasts bf16 chunks block by block into reused buffers: same scores at any chunk size."""
+    import logra.score as score_module
+    from logra.store.writer import StoreWriter
+    from logra.types import LayerInfo
+
+    monkeypatch.setattr(score_module, "_BLOCK_ROWS", 64)  # several blocks per chunk, and partial ones
+    layer = LayerInfo("a", "linear", 8, 6, 4, 6, False, 0)
+    config = logra.LoGraConfig(k_in=4, k_out=6, dtype="bfloat16")
+    writer = StoreWriter(tmp_path / "bf16", config, "f" * 16, [layer], shard_rows=420)
+    gen = torch.Generator().manual_seed(0)
+    writer.append([f"ex{i}" for i in range(1000)], torch.randn(1000, 24, generator=gen, dtype=torch.float64))
+    writer.close(None)
+    store = logra.GradientStore.open(tmp_path / "bf16")
+    queries = torch.randn(5, 24, generator=gen, dtype=torch.float64)
+    train = store.rows().to(torch.float64)  # the stored bf16 values, exactly
+    scorer = Scorer(store, fit_preconditioner(store, "identity"), chunk_rows=chunk_rows, query_config=config)
+    got = scorer.score(queries)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), queries @ train.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scorer.self_influence().double(), (train * train).sum(dim=1), rtol=1e-5, atol=1e-5)
+    top = scorer.top_k(queries, k=7)
+    assert torch.equal(top.helpful_scores, got.gather(1, top.helpful_rows))  # the same matmuls as `score`
+    reference = Scorer(store, fit_preconditioner(store, "identity"), chunk_rows=1000, query_config=config)
+    torch.testing.assert_close(got, reference.score(queries), rtol=1e-6, atol=1e-6)
