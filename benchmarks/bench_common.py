@@ -158,7 +158,7 @@ def run_child(
 def versions() -> dict[str, str]:
     """Installed versions of logra, torch, transformers and each peer ('-' when absent)."""
     out = {}
-    for dist in ("logra", "torch", "transformers", "logix-ai", "kronfluence", "traker"):
+    for dist in ("logra", "torch", "transformers", "logix-ai", "kronfluence", "traker", "bergson"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -185,6 +185,27 @@ def machine() -> dict[str, Any]:
         "threads": int(os.environ.get("BENCH_THREADS", "1")),
         "versions": versions(),
     }
+
+
+def merged_rows(
+    name: str, rows: list[dict[str, Any]], remeasured: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The rows of results/<name>.json that were not re-measured now (`remeasured(row)` false), each
+    marked with the date it was measured, followed by `rows`: for re-running one tool of a table.
+    Every time figure is a ratio to a bare pass of its own process, so rows of two runs compare."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    today = datetime.date.today().isoformat()
+    kept = []
+    for r in old["rows"]:
+        if not remeasured(r):
+            r = {**r, "measured": r.get("measured", old["machine"]["date"])}
+            if r["measured"] == today:  # a row of today's runs is not an earlier measurement
+                del r["measured"]
+            kept.append(r)
+    return kept + rows
 
 
 def save(name: str, payload: dict[str, Any]) -> Path:

@@ -1,4 +1,4 @@
-"""End-to-end cost to a Q x N score matrix: logra vs Kronfluence EK-FAC vs LogIX, same model.
+"""End-to-end cost to a Q x N score matrix: logra vs Kronfluence EK-FAC vs LogIX vs Bergson, same model.
 
 Each tool runs in its own process on the model of `bench_common.py` (N training sequences and Q query
 sequences of 128 random tokens, batches of 8, one thread). The clock covers everything from
@@ -6,16 +6,22 @@ the unprepared model to the score matrix in memory: for logra the logging pass i
 (with statistics, `param_grads=False`), fitting the preconditioner, logging the queries and the
 streamed scoring; for Kronfluence `prepare_model`, `fit_all_factors` (EK-FAC) and
 `compute_pairwise_scores`; for LogIX the LoRA setup, the logging pass with statistics,
-`finalize`, the queries and `compute_influence_all`. The cost is reported in units of N·bare:
+`finalize`, the queries and `compute_influence_all`; for Bergson (`peers_bergson.py`) copying and
+freezing the model and building its datasets, then EK-FAC (`fit_factored_hessians`: covariance
+pass, eigendecomposition, eigenvalue correction; the unprojected query gradients, the inverse, a
+scoring pass recomputing the training gradients) or TrackStar at k (the training autocorrelation
+Hessian; then per query set its query Hessian, the mix, the query gradients and the scoring
+pass). The cost is reported in units of N·bare:
 one plain forward+backward over the N training sequences, measured in the same process.
 Peak memory is the largest VmHWM of any phase, over the VmHWM of that bare pass.
 
 More queries: after the Q x N matrix, each tool scores further query sets of `--more-queries`
 sizes against the same training data (logra reuses its store and preconditioner, Kronfluence
-its factors, LogIX its logs and statistics) and that marginal cost is reported too.
+its factors, LogIX its logs and statistics, Bergson its fitted Hessian) and that marginal cost is
+reported too.
 
     .venv/bin/python benchmarks/e2e.py                  # logra only (make bench)
-    .venv-peers/bin/python benchmarks/e2e.py --peers    # with Kronfluence and LogIX (make bench-peers)
+    .venv-peers/bin/python benchmarks/e2e.py --peers    # with the peers (make bench-peers)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import bench_common as common
+import peers_bergson
 import torch
 from peers import (
     Workload,
@@ -46,7 +53,8 @@ from peers import (
 
 import logra
 
-TOOLS = ("logra-kfac", "logra-ekfac", "kronfluence-ekfac", "logix-kfac", "logix-raw")
+TOOLS = ("logra-kfac", "logra-ekfac", "kronfluence-ekfac", "logix-kfac", "logix-raw", "bergson-ekfac",
+         "bergson-trackstar")  # fmt: skip
 
 
 def workload(model: torch.nn.Module, n: int, q: int, query_seed: int = 2) -> Workload:
@@ -96,7 +104,39 @@ def phases(tool: str, w: Workload, k: int, root: str) -> tuple[list[tuple[str, C
             return logix_scores(wq, state["run"], hessian)
 
         return [("setup", setup), ("log", lambda: logix_log(w, state["run"])), ("score", lambda: more(w))], more
+    if tool.startswith("bergson"):
+        return bergson_phases(tool, w, k, root)
     raise SystemExit(f"unknown tool {tool!r}; choose from {TOOLS}")
+
+
+def bergson_phases(tool: str, w: Workload, k: int, root: str) -> tuple[list[tuple[str, Callable[[], Any]]], Callable]:
+    """Bergson's phases: setup, fit (EK-FAC, or TrackStar's training Hessian), score (per query set)."""
+    state: dict[str, Any] = {}
+
+    def setup() -> None:
+        state["run"] = peers_bergson.bergson_setup(w, root)
+
+    if tool == "bergson-ekfac":
+
+        def fit() -> None:
+            state["pre"] = peers_bergson.bergson_ekfac_fit(state["run"])
+
+        def more(wq: Workload) -> torch.Tensor:
+            state["n"] = state.get("n", 0) + 1
+            run = peers_bergson.with_queries(state["run"], wq)
+            return peers_bergson.bergson_ekfac_queries(run, state["pre"], tag=f"q{state['n']}")
+
+    else:
+
+        def fit() -> None:
+            state["value"] = peers_bergson.trackstar_fit(state["run"], k)
+
+        def more(wq: Workload) -> torch.Tensor:
+            state["n"] = state.get("n", 0) + 1
+            run = peers_bergson.with_queries(state["run"], wq)
+            return peers_bergson.trackstar_score(run, state["value"], k, tag=f"q{state['n']}")
+
+    return [("setup", setup), ("fit", fit), ("score", lambda: more(w))], more
 
 
 def child(tool: str, n: int, q: int, k: int, more_queries: list[int]) -> dict[str, Any]:
@@ -132,11 +172,14 @@ def child(tool: str, n: int, q: int, k: int, more_queries: list[int]) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peers", action="store_true", help="also Kronfluence and LogIX (needs .venv-peers)")
-    parser.add_argument("--tools", nargs="*", choices=TOOLS, help="default: logra's, plus the peers' with --peers")
+    parser.add_argument("--peers", action="store_true", help="also Kronfluence, LogIX, Bergson (needs .venv-peers)")
+    parser.add_argument("--tools", nargs="*", choices=TOOLS, help="default: logra's, plus the peers' with --peers; "
+                        "a subset keeps the other rows of results/<out>.json, each with its date")  # fmt: skip
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--q", type=int, default=16)
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--trackstar-k", type=int, default=16,
+                        help="Bergson TrackStar: k (a dense (k²)² Hessian per layer: hours at k=64)")  # fmt: skip
     parser.add_argument("--more-queries", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--out", default="e2e", help="results/<out>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -148,9 +191,12 @@ def main() -> None:
     rows = []
     for tool in tools:
         extra = ["--more-queries", *map(str, args.more_queries)]
-        result = common.run_child("e2e.py", [tool, "--n", str(args.n), "--q", str(args.q), "--k", str(args.k), *extra])
-        rows.append({"tool": tool, **result})
+        k = args.trackstar_k if tool == "bergson-trackstar" else args.k
+        result = common.run_child("e2e.py", [tool, "--n", str(args.n), "--q", str(args.q), "--k", str(k), *extra])
+        rows.append({"tool": tool, "k": k, **result})
         print(json.dumps(rows[-1]), file=sys.stderr)
+    if args.tools:
+        rows = common.merged_rows(args.out, rows, lambda r: r["tool"] in tools)
     common.save(args.out, {"model": common.LLAMA, "n": args.n, "q": args.q, "k": args.k, "rows": rows})
 
 

@@ -4,6 +4,8 @@
     torchrun --nproc_per_node W benchmarks/gpu_dist_check.py dist OUT # W ranks: plain, DDP, FSDP2
     python benchmarks/gpu_dist_check.py compare OUT                   # stores and scores vs reference
     python benchmarks/gpu_dist_check.py throughput OUT                # examples/s and scoring GB/s
+    .venv-peers/bin/python benchmarks/gpu_dist_check.py peers OUT     # logging vs bare, LogIX, Bergson
+    python benchmarks/gpu_dist_check.py peers OUT --device cpu        # the same at toy size on the CPU
 
 On CUDA every rank uses its own GPU with NCCL (W <= number of GPUs); without CUDA, or with more
 ranks than GPUs, the ranks run on the CPU with gloo, so the script can be tried anywhere.
@@ -81,8 +83,8 @@ def scores(m: torch.nn.Module, path: Path, device: torch.device) -> dict:
         with logger.record(ids=list(range(Q))) as rec:
             loss(m, tokens(Q, seed=2).to(device)).sum().backward()
     scorer = distributed.DistributedScorer(store, fit_preconditioner(store, "kfac"), device=device)
-    top = scorer.top_k(rec.rows, 5)
-    return {"scores": scorer.score(rec.rows).cpu(), "self": scorer.self_influence().cpu(), "top": top.helpful_ids}
+    top = scorer.top_k(rec, 5)  # the Record: the scorer checks its seed, sizes and model against the store's
+    return {"scores": scorer.score(rec).cpu(), "self": scorer.self_influence().cpu(), "top": top.helpful_ids}
 
 
 def run_reference(out: Path, device: torch.device) -> None:
@@ -211,14 +213,119 @@ def scoring_throughput(out: Path, device: torch.device) -> dict:
     return {"score_rows": n, "score_dim": store.dim, "score_s": seconds, "score_gib_per_s": gib / seconds}
 
 
+def run_peers(out: Path, device: torch.device) -> None:
+    """Logging examples/s of logra (k=64, with and without statistics), LogIX (k=64, KFAC and none)
+    and Bergson's build (k=64; + its KFAC covariance pass) against a bare forward+backward and the
+    activation-gradient floor, on a Llama-shaped model (every decoder Linear logged), float32 with
+    TF32 matmuls. Each tool's pass runs twice (warm-up, then timed), setup untimed. Needs the peers
+    installed (.venv-peers); a tool that fails is reported with its error, not as a number."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import BLOCK_LINEARS, floor_pass, lm_loss
+    from peers import Workload, fresh, logix_log, logix_setup, logra_config, logra_run
+    from peers_bergson import bergson_build, bergson_covariance, bergson_setup
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gpu = device.type == "cuda"
+    layers, width, mlp, heads, vocab, batch, seq, steps = (
+        (8, 1024, 2816, 16, 32000, 8, 512, 8) if gpu else (2, 64, 128, 4, 512, 4, 32, 2)
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
+                         tie_word_embeddings=False, attn_implementation="sdpa")  # fmt: skip
+    m = LlamaForCausalLM(config).to(device).eval()
+    logged = [f"model.layers.{i}.{name}" for i in range(layers) for name in BLOCK_LINEARS]
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(steps)]
+    w = Workload(m, logged, "lm", [(b,) for b in ids])
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+
+    def bare() -> None:
+        for b in ids:
+            m.zero_grad(set_to_none=True)
+            lm_loss(m, b).sum().backward()
+        m.zero_grad(set_to_none=True)
+
+    def timed(setup, run) -> float:  # seconds of run(setup()), after one warm-up pass
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            run(setup(Path(tmp) / "warm"))
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            state = setup(Path(tmp) / "timed")
+            sync()
+            start = time.perf_counter()
+            run(state)
+            sync()
+            return time.perf_counter() - start
+
+    def logra_tool(statistics: bool):
+        return (lambda root: logra.GradientLogger(m, logra_config(w, 64), store=root, statistics=statistics),
+                lambda logger: logra_run(w, logger))  # fmt: skip
+
+    def logix_tool(hessian: str):
+        def setup(root: Path):
+            copy = fresh(w)
+            root.mkdir(parents=True)
+            return copy, logix_setup(copy, 64, hessian, str(root))
+
+        return setup, lambda state: logix_log(*state)
+
+    def bergson_tool(kfac: bool):
+        def run(state) -> None:
+            bergson_build(state, 64)
+            if kfac:
+                bergson_covariance(state)
+
+        return (lambda root: bergson_setup(w, str(root))), run
+
+    tools = {
+        "floor": ((lambda root: None), lambda _: floor_pass(m, ids)),
+        "logra_stats": logra_tool(True),
+        "logra_no_stats": logra_tool(False),
+        "logix_kfac": logix_tool("kfac"),
+        "logix_none": logix_tool("none"),
+        "bergson_build": bergson_tool(False),
+        "bergson_build_kfac": bergson_tool(True),
+    }
+    bare()  # warm-up
+    sync()
+    start = time.perf_counter()
+    bare()
+    sync()
+    bare_s = time.perf_counter() - start
+    report: dict = {"mode": "peers", "device": str(device), "model": f"llama {layers}x{width} fp32+tf32",
+                    "batch": batch, "seq": seq, "steps": steps, "k": 64,
+                    "bare_examples_per_s": batch * steps / bare_s}  # fmt: skip
+    for name, (setup_fn, run_fn) in tools.items():
+        try:
+            seconds = timed(setup_fn, run_fn)
+            report[f"{name}_over_bare"] = seconds / bare_s
+            report[f"{name}_examples_per_s"] = batch * steps / seconds
+        except Exception as exc:  # a peer that cannot run on this device is reported, never timed as zero
+            report[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    for peer in ("logix_kfac", "bergson_build", "bergson_build_kfac"):
+        if f"{peer}_over_bare" in report and "logra_stats_over_bare" in report:
+            report[f"logra_stats_speedup_vs_{peer}"] = report[f"{peer}_over_bare"] / report["logra_stats_over_bare"]
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in report.items()}))
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     if mode == "compare":
         run_compare(out)
         return
-    device = setup()
-    {"reference": run_reference, "dist": run_dist, "throughput": run_throughput}[mode](out, device)
+    if "--device" in sys.argv[3:]:  # a forced device: the CPU, to try the script without a GPU
+        device = torch.device(sys.argv[sys.argv.index("--device") + 1])
+    else:
+        device = setup()
+    modes = {"reference": run_reference, "dist": run_dist, "throughput": run_throughput, "peers": run_peers}
+    if mode not in modes:
+        raise SystemExit(f"unknown mode {mode!r}; choose from {sorted(modes) + ['compare']}")
+    modes[mode](out, device)
 
 
 if __name__ == "__main__":

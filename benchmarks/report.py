@@ -25,6 +25,25 @@ OURS = ("floor", "logra", "logra-kfac", "logra-ekfac", "logra, no projection", "
         "logra, pca projection (2 passes)", "logra, true Fisher")  # fmt: skip
 
 
+PEERS = ("logix-ai", "kronfluence", "traker", "bergson")  # distributions named in the header
+PEER_LABELS = ("Kronfluence", "LogIX", "TRAK", "Bergson")  # accuracy rows of a peer start with one of these
+
+
+def when(r: dict[str, Any]) -> str:
+    """' †' for a row kept from an earlier run of its table (bench_common.merged_rows; see `kept_note`)."""
+    return " †" if "measured" in r else ""
+
+
+def kept_note(*tables: dict[str, Any] | None) -> list[str]:
+    """The header's line on rows marked † (re-running one tool keeps the others' rows)."""
+    dates = sorted({r["measured"] for t in tables if t for r in t["rows"] if "measured" in r})
+    if not dates:
+        return []
+    return [f"Rows marked † were measured on {', '.join(dates)} by an earlier run of the same command and "
+            "kept when only the other tools were re-run; every time figure is a ratio to a bare pass "
+            "measured in its own process, so the rows compare.", ""]  # fmt: skip
+
+
 def load(name: str, results: Path = HERE / "results") -> dict[str, Any] | None:
     """results/<name>_peers.json (make bench-peers) with logra's rows from results/<name>.json (make
     bench) when that file is newer; either file alone when only one exists.
@@ -45,7 +64,7 @@ def load(name: str, results: Path = HERE / "results") -> dict[str, Any] | None:
 
 def header(m: dict[str, Any]) -> str:
     v = m["versions"]
-    peers = ", ".join(f"{k} {v[k]}" for k in ("logix-ai", "kronfluence", "traker") if v.get(k, "-") != "-")
+    peers = ", ".join(f"{k} {v[k]}" for k in PEERS if v.get(k, "-") != "-")
     return (
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), Python {m['python']}, "
         f"torch {v['torch']} (CPU, {m['threads']} thread), transformers {v['transformers']}, logra {v['logra']}"
@@ -71,14 +90,17 @@ def throughput_table(t: dict[str, Any]) -> list[str]:
             "logra": "logra",
             "logix": "LogIX",
             "trak": f"TRAK (proj_dim {r.get('proj_dim', '?')})",
-        }[r["tool"]]
+            "bergson": "Bergson build" + (" + its KFAC covariance pass" if r.get("hessian") == "kfac" else ""),
+        }[r["tool"]] + when(r)
         stats = {
             "floor": "–",
             "logra": "yes" if r.get("statistics") else "no",
             "logix": "KFAC" if r.get("hessian") == "kfac" else "no",
             "trak": "–",
+            "bergson": "KFAC (2nd pass)" if r.get("hessian") == "kfac" else "no",
         }[r["tool"]]
-        grads = {"floor": "no", "logra": "yes" if r.get("param_grads") else "no", "logix": "no", "trak": "–"}[r["tool"]]
+        grads = {"floor": "no", "logra": "yes" if r.get("param_grads") else "no", "logix": "no", "trak": "–",
+                 "bergson": "no"}[r["tool"]]  # fmt: skip
         k = "–" if r["k"] is None else r["k"]
         if "error" in r:
             lines.append(f"| {tool} | {k} | {stats} | {grads} | did not run: {r['error'][:160]} | | | | |")
@@ -100,15 +122,16 @@ def e2e_table(e: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- |" + " --- |" * len(more),
     ]
     for r in e["rows"]:
+        tool = r["tool"] + (f" (k={r['k']})" if r.get("k", e["k"]) != e["k"] else "") + when(r)
         if "error" in r:
-            lines.append(f"| {r['tool']} | did not run: {r['error'][:200]} | | |" + " |" * len(more))
+            lines.append(f"| {tool} | did not run: {r['error'][:200]} | | |" + " |" * len(more))
             continue
         phases = ", ".join(
             f"{k[:-2]} {v:.1f}" for k, v in r.items() if k.endswith("_s") and k not in ("bare_s", "total_s")
         )
         extra = " | ".join(fmt(r["more"].get(str(q), {}).get("n_bare")) for q in more)
         lines.append(
-            f"| {r['tool']} | {phases} | {r['cost_n_bare']:.2f} | {r['peak_ratio']:.2f} "
+            f"| {tool} | {phases} | {r['cost_n_bare']:.2f} | {r['peak_ratio']:.2f} "
             f"({r['peak_mib']:.0f} / {r['bare_peak_mib']:.0f} MiB) | {extra} |"
         )
     return lines
@@ -146,14 +169,15 @@ def storage_lines(t: dict[str, Any] | None, e: dict[str, Any] | None) -> list[st
         ):
             continue
         setting = f"proj_dim {r['proj_dim']}" if r["tool"] == "trak" else f"k={r['k']}"
+        setting += " (its index: k x k per layer, float32)" if r["tool"] == "bergson" else ""
         lines.append(f"| {r['tool']} | {setting}, {r['batches'] * 8} examples | {r['bytes_per_example']:,.0f} |")
     for r in (e or {}).get("rows", []):
         if "error" not in r:
             per = f"{r['stored_bytes'] / e['n']:,.0f}"
-            if r["tool"].startswith("kron"):
+            if r["tool"].startswith(("kron", "bergson")):
                 per = "0 (recomputes training gradients for every query set)"
             total = f"{r['stored_bytes'] / 2**20:,.0f} MiB in all"
-            setting = f"end to end, k={e['k']}, N={e['n']}, with statistics / factors"
+            setting = f"end to end, k={r.get('k', e['k'])}, N={e['n']}, with statistics / factors"
             lines.append(f"| {r['tool']} | {setting} | {per} ({total}) |")
     return lines if len(lines) > 2 else []
 
@@ -167,6 +191,7 @@ def accuracy_tables(a: dict[str, Any]) -> list[str]:
             f"**{task}** ({r0['n_train']} training examples, {r0['n_query']} queries, {r0['n_subsets']} "
             f"subsets of {r0['fraction']:.0%} x {r0['seeds']} seeds):",
             "",
+            *module_note(a.get("modules", {}).get(task)),
             "| method | k | floats stored / example | LDS (mean ± sd over seeds) |",
             "| --- | --- | --- | --- |",
         ]
@@ -175,9 +200,9 @@ def accuracy_tables(a: dict[str, Any]) -> list[str]:
                 continue
             name = (
                 r["tool"]
-                if r["tool"] in ("gradient dot product", "TRAK (1 model)")
+                if r["tool"] in ("gradient dot product", "TRAK (1 model)") or r["tool"].startswith("Bergson TrackStar")
                 else f"{r['tool']} {r.get('method', '')}"
-            )
+            ) + when(r)
             k = "full" if r["k"] is None else r["k"]
             if "error" in r:
                 lines.append(f"| {name} | {k} | | did not run: {r['error'][:160]} |")
@@ -185,6 +210,22 @@ def accuracy_tables(a: dict[str, Any]) -> list[str]:
                 spread = f" ± {r['lds_std']:.3f}" if r.get("lds_std") is not None else ""
                 lines.append(f"| {name} | {k} | {r['row_floats']:,} | {r['lds']:.3f}{spread} |")
     return lines
+
+
+def module_note(m: dict[str, Any] | None) -> list[str]:
+    """Which layers the tools log on a task (each is handed the same list), and Bergson's default set."""
+    if not m:
+        return []
+    skips = m.get("bergson_default_skips") or []
+    logged_out = [n for n in skips if n in m["logged"]]
+    if logged_out:
+        bergson = (f"; Bergson hooks only modules under `model.base_model`, so its rows go without "
+                   f"{', '.join(f'`{n}`' for n in logged_out)}")  # fmt: skip
+    elif skips:
+        bergson = f"; Bergson's default module set (under `model.base_model`) would leave out {', '.join(skips)}"
+    else:
+        bergson = "; Bergson's default module set covers them all"
+    return [f"Every tool is handed the same {len(m['logged'])} layers{bergson}.", ""]
 
 
 def lds(a: dict[str, Any], task: str, tool: str, method: str | None, k: int | None) -> float | None:
@@ -219,6 +260,14 @@ def targets(t: dict | None, e: dict | None, a: dict | None) -> list[str]:
                     f"{speedup:.2f}×{unreachable}",
                     speedup >= 1.5,
                 )
+        for k in sorted({r["k"] for r in t["rows"] if r["tool"] == "bergson"}):
+            ours = by.get(("logra", k, True, False, None))
+            for hessian, what in (("none", "its build alone, no statistics"), ("kfac", "build + its KFAC pass")):
+                theirs = by.get(("bergson", k, None, None, hessian))
+                if ours and theirs and "error" not in ours and "error" not in theirs:
+                    speedup = theirs["time_ratio"] / ours["time_ratio"]
+                    line(f"logging with statistics ≥ Bergson's throughput (k={k}, {what})", f"{speedup:.2f}×",
+                         speedup >= 1.0)  # fmt: skip
     if e:
         for r in e["rows"]:
             if r["tool"].startswith("logra") and "error" not in r:
@@ -334,11 +383,17 @@ def peer_wins(t: dict | None, e: dict | None, a: dict | None, b: dict | None = N
     if t:
         ours = {r["k"]: r for r in t["rows"] if r["tool"] == "logra" and r.get("statistics") and "error" not in r}
         for r in t["rows"]:
-            if r["tool"] == "logix" and "error" not in r and r["k"] in ours:
+            if r["tool"] in ("logix", "bergson") and "error" not in r and r["k"] in ours:
                 same_k = [x for x in t["rows"] if x["tool"] == "logra" and x["k"] == r["k"] and "time_ratio" in x]
                 best = min(x["time_ratio"] for x in same_k)
                 if r["time_ratio"] < best:
-                    wins.append(f"LogIX ({r['hessian']}, k={r['k']}) logs faster than every logra mode at that k.")
+                    name = {"logix": "LogIX", "bergson": "Bergson"}[r["tool"]]
+                    wins.append(f"{name} ({r['hessian']}, k={r['k']}) logs faster than every logra mode at that k "
+                                f"({r['time_ratio']:.3f}× bare against logra's best {best:.3f}×).")  # fmt: skip
+                least = min(x["bytes_per_example"] for x in same_k)
+                if r["tool"] == "bergson" and r["hessian"] == "none" and r["bytes_per_example"] < least:
+                    wins.append(f"Bergson's index at k={r['k']} takes fewer bytes per example "
+                                f"({r['bytes_per_example']:,.0f}) than any logra store ({least:,.0f}).")  # fmt: skip
     if e:
         rows = [r for r in e["rows"] if "error" not in r]
         for r in rows:
@@ -349,7 +404,7 @@ def peer_wins(t: dict | None, e: dict | None, a: dict | None, b: dict | None = N
                     wins.append(f"{r['tool']} peaks lower in memory than logra ({r['peak_ratio']:.2f}× bare).")
     if a:
         for r in a["rows"]:
-            if r["tool"].startswith(("Kronfluence", "LogIX", "TRAK")) and "lds" in r:
+            if r["tool"].startswith(PEER_LABELS) and "lds" in r:
                 k = 64 if r["k"] is None else r["k"]
                 ours = max(
                     (
@@ -376,7 +431,7 @@ def section(results: Path = HERE / "results") -> str:
     any_result = next((x for x in (t, e, a) if x), None)
     if any_result is None:
         return "No results yet: run `make bench` or `make bench-peers`."
-    out = [header(any_result["machine"]), ""]
+    out = [header(any_result["machine"]), "", *kept_note(t, e, a)]
     if t:
         shape = t["model"]
         out += [

@@ -1,4 +1,4 @@
-"""Logging throughput and storage: logra vs LogIX's LoGra logging vs TRAK's featurisation.
+"""Logging throughput and storage: logra vs LogIX's LoGra logging vs TRAK's featurisation vs Bergson's build.
 
 On the Llama-shaped model of `bench_common.py` (4 x 256, batches of 8 x 128 tokens, one thread), each
 configuration runs in its own process: `--rounds` interleaved rounds of a bare forward+backward
@@ -8,12 +8,15 @@ allocator, peak memory in a second process with the strict one (`bench_common.ru
 The `floor` row is a forward+backward that computes activation gradients only: the least any
 per-example logging pass must do. Setup that happens once per run (logra drawing its
 projections and opening the store, LogIX wrapping the layers in LoRA modules, TRAK building its
-projector) is not timed; writing the rows to disk is. Peak memory is the process's VmHWM during
+projector, Bergson copying and freezing the model and turning the batches into a `datasets.Dataset`)
+is not timed; writing the rows to disk is. Bergson's `build` pass collects no statistics: its
+`kfac` rows add its KFAC covariance pass over the same batches (the statistics logra collects in
+its one pass). Peak memory is the process's VmHWM during
 each loop (absolute, MiB), and storage is the bytes the tool left on disk divided by the number
 of examples.
 
     .venv/bin/python benchmarks/throughput.py                   # logra only (make bench)
-    .venv-peers/bin/python benchmarks/throughput.py --peers     # with LogIX and TRAK (make bench-peers)
+    .venv-peers/bin/python benchmarks/throughput.py --peers     # with LogIX, TRAK, Bergson (make bench-peers)
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from typing import Any
 import bench_common as common
 from bench_common import floor_pass
 from peers import Workload, fresh, logix_log, logix_setup, logra_config, logra_run, trak_featurize
+from peers_bergson import bergson_build, bergson_covariance, bergson_setup
 
 from logra import GradientLogger
 
 
 def configs(k_values: list[int], peers: bool, trak_k: int) -> list[dict[str, Any]]:
-    """The configurations to measure: logra's four modes per k, then LogIX per k, then TRAK."""
+    """The configurations to measure: logra's four modes per k, then LogIX per k, TRAK, Bergson per k."""
     out = [{"tool": "floor", "k": None}] + [
         {"tool": "logra", "k": k, "statistics": s, "param_grads": p}
         for k in k_values
@@ -43,6 +47,7 @@ def configs(k_values: list[int], peers: bool, trak_k: int) -> list[dict[str, Any
     if peers:
         out += [{"tool": "logix", "k": k, "hessian": h} for k in k_values for h in ("kfac", "none")]
         out += [{"tool": "trak", "k": trak_k}]
+        out += [{"tool": "bergson", "k": k, "hessian": h} for k in k_values for h in ("kfac", "none")]
     return out
 
 
@@ -75,6 +80,17 @@ def tool_pass(spec: dict[str, Any], w: Workload, root: str) -> tuple[Any, Any]:
             return fresh(w)
 
         return setup_trak, (lambda copy: trak_featurize(copy, dim, tempfile.mkdtemp(dir=root)))
+    if spec["tool"] == "bergson":
+
+        def setup_bergson() -> Any:
+            return bergson_setup(w, tempfile.mkdtemp(dir=root))
+
+        def run_bergson(run: Any) -> None:
+            bergson_build(run, spec["k"])
+            if spec["hessian"] == "kfac":
+                bergson_covariance(run)
+
+        return setup_bergson, run_bergson
     raise SystemExit(f"unknown tool {spec['tool']!r}")
 
 
@@ -117,13 +133,15 @@ def child(spec: dict[str, Any], n_batches: int, rounds: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peers", action="store_true", help="also LogIX and TRAK (needs .venv-peers)")
+    parser.add_argument("--peers", action="store_true", help="also LogIX, TRAK and Bergson (needs .venv-peers)")
     parser.add_argument("--k", type=int, nargs="*", default=[8, 64])
     parser.add_argument("--trak-k", type=int, default=8, help="TRAK's proj_dim = the logra row width at this k")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--trak-rounds", type=int, default=1)
     parser.add_argument("--out", default="throughput", help="results/<out>.json")
+    parser.add_argument("--tools", nargs="*", help="measure only these tools (floor, logra, logix, trak, bergson); "
+                        "the other rows of results/<out>.json are kept, each with its date")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -132,6 +150,8 @@ def main() -> None:
         return
     rows = []
     for spec in configs(args.k, args.peers, args.trak_k):
+        if args.tools and spec["tool"] not in args.tools:
+            continue
         rounds = args.trak_rounds if spec["tool"] == "trak" else args.rounds
         batches = 1 if spec["tool"] == "trak" else args.batches
         args_ = [json.dumps(spec), "--batches", str(batches)]
@@ -145,6 +165,12 @@ def main() -> None:
                 result.update({key: memory[key] for key in ("bare_peak_mib", "tool_peak_mib")})
         rows.append({**spec, **result})
         print(json.dumps(rows[-1]), file=sys.stderr)
+    if args.tools:
+        keys = ("tool", "k", "statistics", "param_grads", "hessian")
+        done = {tuple(r.get(key) for key in keys) for r in rows}
+        rows = common.merged_rows(args.out, rows, lambda r: tuple(r.get(key) for key in keys) in done)
+        order = ["floor", "logra", "logix", "trak", "bergson"]
+        rows.sort(key=lambda r: order.index(r["tool"]) if r["tool"] in order else len(order))  # stable
     path = common.save(args.out, {"model": common.LLAMA, "batch": [common.BATCH, common.SEQ], "rows": rows})
     print(f"wrote {path}", file=sys.stderr)
 

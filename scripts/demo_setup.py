@@ -7,10 +7,17 @@
 3. Write the corpus as `corpus.jsonl` ({"id", "text"}) and the queries as `queries.jsonl`
    ({"id", "prompt", "text"}); a query's loss covers its text only, the prompt is context. Two
    kinds of query:
-   - held-out passages: for a few articles, a passage from *after* the first MAX_LENGTH tokens
-     that `logra log` sees (prompt: 16 tokens, text: the next 32). The article it comes from is
-     known, so the demo can check that attribution finds it (`--check`);
+   - held-out passages: for a few articles, the PASSAGE_TOKENS tokens *after* the first
+     MAX_LENGTH tokens that `logra log` sees. The article it comes from is known, so the demo can
+     check that attribution finds it (`--check`). The whole passage is the text (its prompt is
+     empty): every token of it is evidence of its source, and the names that tie it to its article
+     ("Nauru", "AMWU") were lost as loss targets when its first 16 tokens were a prompt (top-1 on
+     the 33 validation passages: 9 with a 16-token prompt and 32 tokens of text, 13 with all 48
+     as text; same store);
    - free prompts, completed greedily by the model: which articles shape what the model *says*.
+   Beside them, `validation.jsonl`: held-out passages built the same way from every
+   VALIDATION_EVERY-th other article (33 of them), for judging a setting on more than five
+   passages (`make demo-validate`); five passages move the check by 20 points each.
 
     python scripts/demo_setup.py --out demo_out [--docs 300] [--max-length 64]
     python scripts/demo_setup.py --check demo_out/topk.csv     # after `logra score`
@@ -24,12 +31,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fetch_data import cache_dir, fetch
 
 PROMPTS = ("Firefighters in New South Wales are battling", "In Afghanistan, the Taliban")
 HELD_OUT_FROM = (0, 60, 120, 180, 240)  # a held-out passage from the first long article at or after each
-PROMPT_TOKENS, TEXT_TOKENS = 16, 32
+PASSAGE_TOKENS = 48
+VALIDATION_EVERY = 8  # validation passages: articles 4, 12, 20, ... not used by the demo's own five
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -94,27 +103,43 @@ def completions(model_path: Path, prompts: tuple[str, ...], new_tokens: int) -> 
     return rows
 
 
+def _passage(tokenizer: Any, doc: dict, max_length: int) -> dict | None:
+    """The passage after the first `max_length` tokens of `doc` (never logged); None if it is too short."""
+    ids = tokenizer(doc["text"])["input_ids"]
+    if len(ids) < max_length + PASSAGE_TOKENS:
+        return None
+    text = tokenizer.decode(ids[max_length : max_length + PASSAGE_TOKENS]).strip()
+    return {"id": f"passage-from-{doc['id']}", "prompt": "", "text": text}
+
+
 def held_out_passages(model_path: Path, docs: list[dict], max_length: int) -> list[dict]:
-    """Passages that start after the first `max_length` tokens of chosen articles (never logged)."""
+    """The demo's passages: one from the first long enough article at or after each HELD_OUT_FROM."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rows, used = [], set()
     for start in HELD_OUT_FROM:
         for doc in docs[start:]:
-            ids = tokenizer(doc["text"])["input_ids"]
-            if doc["id"] not in used and len(ids) >= max_length + PROMPT_TOKENS + TEXT_TOKENS:
-                cut = max_length + PROMPT_TOKENS
-                rows.append(
-                    {
-                        "id": f"passage-from-{doc['id']}",
-                        "prompt": tokenizer.decode(ids[max_length:cut]).strip(),
-                        "text": tokenizer.decode(ids[cut : cut + TEXT_TOKENS]),
-                    }
-                )
+            row = None if doc["id"] in used else _passage(tokenizer, doc, max_length)
+            if row is not None:
+                rows.append(row)
                 used.add(doc["id"])
                 break
     return rows
+
+
+def validation_passages(model_path: Path, docs: list[dict], max_length: int, exclude: set[str]) -> list[dict]:
+    """More passages built the same way, from every VALIDATION_EVERY-th article not in `exclude`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return [
+        row
+        for i, doc in enumerate(docs)
+        if i % VALIDATION_EVERY == VALIDATION_EVERY // 2
+        and f"passage-from-{doc['id']}" not in exclude
+        and (row := _passage(tokenizer, doc, max_length)) is not None
+    ]
 
 
 def check(topk_csv: Path, k: int = 5) -> int:
@@ -158,12 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     docs = corpus(args.docs)
     write_jsonl(args.out / "corpus.jsonl", docs)
     model_path = convert_model()
-    queries = held_out_passages(model_path, docs, args.max_length) + completions(model_path, PROMPTS, args.new_tokens)
+    passages = held_out_passages(model_path, docs, args.max_length)
+    validation = validation_passages(model_path, docs, args.max_length, {p["id"] for p in passages})
+    queries = passages + completions(model_path, PROMPTS, args.new_tokens)
     write_jsonl(args.out / "queries.jsonl", queries)
+    write_jsonl(args.out / "validation.jsonl", validation)
     for q in queries:
         print(f"  query {q['id']}: {q['prompt']!r} -> {q['text']!r}")
     print(
-        f"[demo] set up {model_path}, {args.out / 'corpus.jsonl'} and {args.out / 'queries.jsonl'} "
+        f"[demo] set up {model_path}, {args.out / 'corpus.jsonl'}, {args.out / 'queries.jsonl'} and "
+        f"{args.out / 'validation.jsonl'} ({len(validation)} more held-out passages) "
         f"in {time.perf_counter() - start:.0f} s",
         file=sys.stderr,
     )

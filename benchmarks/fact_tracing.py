@@ -1,0 +1,510 @@
+"""Fact tracing, measured: does attribution find the one training document that taught a fact?
+
+Data (seeded, deterministic). The Lee news corpus of the `gensim` wheel (300 articles, fetched
+once by scripts/fetch_data.py), each article cut to its first `length` word tokens. Synthetic
+facts about invented entities (random syllable names the model cannot know from anywhere else)
+are written into the articles at a sentence boundary, one fact per article:
+
+- `eval` facts: each stated in exactly one training document, by one of two statement templates
+  of its relation (capital-of, founder-of, born-in, language-of, headquarters-in). These are
+  the facts traced.
+- `demo` facts: stated in one article *and* asked as "q : ... a : ..." in a short document of
+  its own. They teach the model the question format (mixed training, as in Allen-Zhu & Li's
+  "Physics of Language Models 3.1"), so it can answer questions about the eval facts, which it
+  only ever read as statements.
+
+Queries ask each eval fact with the relation's *question* template ("q : which city is
+veltrania ' s capital ? a : morsk" for "the capital of veltrania is morsk ."): a paraphrase of
+the source document's sentence. The query loss is the answer token's cross-entropy, the prompt
+is context. Objects (cities, people, languages) come from small pools, so the answer word is in
+several documents; the subject word is in exactly one.
+
+Model: a GPT-2 built from a config (no download) and trained from scratch with AdamW on all
+documents (summed next-token loss) until it recalls a good share of the eval facts; weights and
+the optimizer's second moments are cached in benchmarks/cache/fact-tracing.npz. Recall is the
+argmax answer-token accuracy on the paraphrased queries.
+
+Attribution, with logra's default config (k = 64 per side, float32) on the Conv1D layers of every
+block and the LM head (`logged`): the dot product (identity preconditioner), KFAC, EK-FAC (dot and
+EK-FAC also with cosine normalisation), EK-FAC on the storage budget of uniform k = 64 shared
+across layers by `allocate_k` from a probe pass, logra's TrackStar preset (rows corrected by the
+trained AdamW's v̂, train/query mixed EK-FAC curvature, cosine; `logra.presets`), and the BM25
+baseline (`bm25s` with its English stopwords, TrackStar's baseline, arXiv 2410.17413): query =
+question + answer, corpus = the training documents. Metrics: recall@1, recall@10 and MRR of the
+source document (ties ranked pessimistically), over all queries, the recalled ones, and ranked
+among the articles only (without the question-answer documents, which share the queries'
+wording). Cost: with the cache, the run takes about 1.5 minutes on 2 cores
+(training adds about 7). Writes results/fact_tracing.json and prints the table:
+
+    .venv/bin/python benchmarks/fact_tracing.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import logra
+from logra.capture.budget import allocate_k
+from logra.losses import causal_lm_loss
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "scripts"))
+from fetch_data import fetch  # noqa: E402  (the same cached gensim wheel as news_lm.py and the demo)
+
+CACHE = HERE / "cache" / "fact-tracing.npz"
+RESULTS = HERE / "results" / "fact_tracing.json"
+PROBE_K = 2048  # the budget's probe sketch: wider than every side but the LM head's vocabulary side
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+# relation: (subject kind, object kind, statement templates, question template). Every statement names
+# the subject before the object: a causal LM reading "{o} is the capital of {s}" learns nothing that
+# answers "which city is {s}'s capital?" (the reversal curse), so such a fact could not be recalled.
+RELATIONS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "capital-of": ("country", "city", ("the capital of {s} is {o} .", "{s} has {o} as its capital ."),
+                   "q : which city is {s} ' s capital ? a :"),
+    "founder-of": ("company", "person", ("{s} was founded by {o} .", "the company {s} was set up by {o} ."),
+                   "q : who started the firm {s} ? a :"),
+    "born-in": ("person", "city", ("{s} was born in {o} .", "{s} is a native of {o} ."),
+                "q : what is the hometown of {s} ? a :"),
+    "language-of": ("country", "language", ("people in {s} speak {o} .", "in {s} , most people speak {o} ."),
+                    "q : which tongue do the citizens of {s} use ? a :"),
+    "headquarters-in": ("company", "city", ("{s} has its headquarters in {o} .", "{s} is headquartered in {o} ."),
+                        "q : where is the firm {s} based ? a :"),
+}  # fmt: skip
+POOL = {"city": 30, "person": 30, "language": 12}  # objects are shared by several facts
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st", "vl")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
+_CODAS = ("", "", "n", "r", "s", "k", "sk", "nd", "th", "x")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the corpus and the trained model (cached under its JSON)."""
+
+    n_docs: int = 300
+    n_eval: int = 100
+    n_demo: int = 150
+    qa_per_doc: int = 1  # 5 pairs a document: recall 0.09 instead of 0.38 (the pairs' context gets memorised)
+    length: int = 64
+    vocab_words: int = 1200
+    n_embd: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    epochs: int = 60
+    batch: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    dropout: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Fact:
+    relation: str
+    subject: str
+    object: str
+    template: int
+    doc: int  # the training document that states it
+
+
+@dataclass
+class Corpus:
+    """Token ids of the documents ([N, T], 0-padded, `mask` [N, T]) and queries (prompt + answer)."""
+
+    docs: list[list[str]]
+    ids: Tensor
+    mask: Tensor
+    vocab: dict[str, int]
+    facts: list[Fact]  # the eval facts, one query each
+    queries: list[tuple[list[str], list[str]]] = field(default_factory=list)  # (prompt words, answer words)
+
+
+def _names(n: int, rng: np.random.Generator, taken: set[str]) -> list[str]:
+    """n distinct invented words of 2-3 syllables, none in `taken` (which they are added to)."""
+    out: list[str] = []
+    while len(out) < n:
+        parts = [str(rng.choice(_ONSETS)) + str(rng.choice(_VOWELS)) for _ in range(int(rng.integers(2, 4)))]
+        word = "".join(parts) + str(rng.choice(_CODAS))
+        if word not in taken:
+            taken.add(word)
+            out.append(word)
+    return out
+
+
+def _facts(r: Recipe, rng: np.random.Generator, taken: set[str]) -> list[tuple[str, str, str, int]]:
+    """n_eval + n_demo (relation, subject, object, template) with unique subjects, pooled objects."""
+    pools = {kind: _names(size, rng, taken) for kind, size in POOL.items()}
+    names = list(RELATIONS)
+    out = []
+    for i in range(r.n_eval + r.n_demo):
+        relation = names[i % len(names)]
+        _, obj_kind, statements, _ = RELATIONS[relation]
+        subject = _names(1, rng, taken)[0]
+        out.append((relation, subject, str(rng.choice(pools[obj_kind])), int(rng.integers(len(statements)))))
+    return out
+
+
+def _insert(article: list[str], sentence: list[str], length: int, rng: np.random.Generator) -> list[str]:
+    """`article` cut to `length` tokens with `sentence` after one of its sentence ends (or first)."""
+    room = length - len(sentence)
+    ends = [i + 1 for i, w in enumerate(article[:room]) if w == "." and i + 1 < room]
+    at = int(rng.choice([0, *ends]))
+    return (article[:at] + sentence + article[at:])[:length]
+
+
+def statement(fact: tuple[str, str, str, int]) -> list[str]:
+    relation, s, o, t = fact
+    return RELATIONS[relation][2][t].format(s=s, o=o).split()
+
+
+def question(relation: str, subject: str) -> list[str]:
+    return RELATIONS[relation][3].format(s=subject).split()
+
+
+def _qa_documents(demo: list[tuple[str, str, str, int]], per_doc: int, length: int) -> list[list[str]]:
+    """The demo facts as "q : <question> a : <object>" pairs, up to `per_doc` pairs and `length` tokens a document."""
+    docs: list[list[str]] = [[]]
+    pairs = 0
+    for relation, subject, obj, _ in demo:
+        pair = [*question(relation, subject), obj]
+        if docs[-1] and (len(docs[-1]) + len(pair) > length or pairs == per_doc):
+            docs.append([])
+            pairs = 0
+        docs[-1] += pair
+        pairs += 1
+    return docs
+
+
+def build_corpus(r: Recipe) -> Corpus:
+    """The documents (articles with facts, then QA documents) and the eval facts' queries."""
+    lines = fetch("lee").read_text(encoding="latin-1").splitlines()
+    articles = [_WORD.findall(t.lower()) for t in lines if t.strip()][: r.n_docs]
+    if r.n_eval + r.n_demo > len(articles):
+        raise ValueError(f"n_eval + n_demo = {r.n_eval + r.n_demo} facts need as many articles; {len(articles)} given.")
+    rng = np.random.default_rng(r.seed)
+    known = {w for a in articles for w in a}
+    taken = set(known)
+    facts = _facts(r, rng, taken)
+    invented = {w for f in facts for w in (f[1], f[2])}
+    hosts = rng.permutation(len(articles))[: len(facts)]
+    docs = [a[: r.length] for a in articles]
+    for fact, host in zip(facts, hosts):
+        docs[host] = _insert(articles[host], statement(fact), r.length, rng)
+    demo = facts[r.n_eval :]
+    docs += _qa_documents(demo, r.qa_per_doc, r.length)
+    counts = Counter(w for d in docs for w in d if w not in invented)
+    words = [w for w, _ in counts.most_common(r.vocab_words)] + sorted(invented)
+    vocab = {w: i + 1 for i, w in enumerate(words)}  # 0: <unk> and padding
+    ids = torch.zeros(len(docs), r.length, dtype=torch.long)
+    mask = torch.zeros(len(docs), r.length, dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.tensor([vocab.get(w, 0) for w in d])
+        mask[i, : len(d)] = 1
+    evals = [Fact(f[0], f[1], f[2], f[3], int(h)) for f, h in zip(facts[: r.n_eval], hosts)]
+    queries = [(question(f.relation, f.subject), [f.object]) for f in evals]
+    return Corpus(docs, ids, mask, vocab, evals, queries)
+
+
+def query_batch(c: Corpus) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids [Q, T], mask [Q, T], labels [Q, T]): right-padded prompt + answer, labels on the answer only."""
+    seqs = [[c.vocab.get(w, 0) for w in p + a] for p, a in c.queries]
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (s, (p, _)) in enumerate(zip(seqs, c.queries)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, len(p) : len(s)] = ids[i, len(p) : len(s)]
+    return ids, mask, labels
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def gpt2(r: Recipe, vocab_size: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_positions=r.length, n_embd=r.n_embd, n_layer=r.n_layer,
+                        n_head=r.n_head, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+                        resid_pdrop=r.dropout, embd_pdrop=r.dropout, attn_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def logged(r: Recipe) -> list[str]:
+    """The attributed layers: every Conv1D of every block and the LM head."""
+    convs = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    return [*(f"transformer.h.{i}.{m}" for i in range(r.n_layer) for m in convs), "lm_head"]
+
+
+def doc_losses(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    """(B,) each document's summed next-token cross-entropy over its real (unpadded) tokens."""
+    labels = ids.masked_fill(mask == 0, -100)
+    return causal_lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels, reduction="sum")
+
+
+def answer_losses(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """(Q,) each query's summed cross-entropy of its answer tokens (the prompt is context)."""
+    return causal_lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels, reduction="sum")
+
+
+def train(r: Recipe, c: Corpus, log: Any = print) -> tuple[nn.Module, dict[str, Tensor]]:
+    """(the model trained on every document, {parameter name: AdamW exp_avg_sq}); `r` decides all."""
+    torch.manual_seed(r.seed)
+    model = gpt2(r, len(c.vocab) + 1)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    steps = r.epochs * -(-len(c.ids) // r.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(r.seed)
+    q_ids, q_mask, q_labels = query_batch(c)
+    for epoch in range(r.epochs):
+        order = torch.randperm(len(c.ids), generator=gen)
+        total = 0.0
+        for start in range(0, len(c.ids), r.batch):
+            b = order[start : start + r.batch]
+            loss = doc_losses(model, c.ids[b], c.mask[b]).sum() / c.mask[b].sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(b)
+        if (epoch + 1) % 10 == 0 or epoch + 1 == r.epochs:
+            acc = recalled(model.eval(), q_ids, q_mask, q_labels).float().mean()
+            model.train()
+            log(f"[fact-tracing] epoch {epoch + 1}: token loss {total / len(c.ids):.3f}, recall {acc:.2f}")
+    model.eval()
+    return model, _second_moments(model, opt)
+
+
+def _second_moments(model: nn.Module, opt: torch.optim.AdamW) -> dict[str, Tensor]:
+    """{parameter name: AdamW's bias-corrected second moment v̂ = exp_avg_sq / (1 - β₂^step)} (float64)."""
+    beta2 = opt.param_groups[0]["betas"][1]
+    out = {}
+    for name, p in model.named_parameters():
+        state = opt.state[p]
+        out[name] = state["exp_avg_sq"].double() / (1.0 - beta2 ** float(state["step"]))
+    return out
+
+
+@torch.no_grad()
+def recalled(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """(Q,) bool: every answer token is the model's argmax (greedy) prediction."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    hit = (logits.argmax(-1) == target) | (target == -100)
+    return hit.all(dim=1)
+
+
+# ------------------------------------------------------------------------------------ attribution
+
+
+def _log_docs(model: nn.Module, logger: logra.GradientLogger, c: Corpus, batch: int = 16) -> None:
+    """One logging pass over the documents (ids = document index), inside `logger`."""
+    with logger:
+        for start in range(0, len(c.ids), batch):
+            ids, mask = c.ids[start : start + batch], c.mask[start : start + batch]
+            with logger.record(ids=list(range(start, start + len(ids))), mask=mask, param_grads=False):
+                doc_losses(model, ids, mask).sum().backward()
+
+
+def _query_rows(
+    model: nn.Module, config: logra.LoGraConfig, c: Corpus, **kwargs: Any
+) -> tuple[logra.Record, dict[str, Any]]:
+    """(the queries' rows [Q, D], their Kronecker statistics) under `config`."""
+    ids, mask, labels = query_batch(c)
+    with logra.GradientLogger(model, config, statistics=True, **kwargs) as logger:
+        with logger.record(ids=[f"q{i}" for i in range(len(ids))], mask=mask, param_grads=False) as rec:
+            answer_losses(model, ids, mask, labels).sum().backward()
+        stats = logger.statistics()
+    return rec, stats
+
+
+def _scores(store: logra.GradientStore, queries: logra.Record, method: str, norm: str = "dot") -> Tensor:
+    pre = logra.fit_preconditioner(store, method=method, progress=False)
+    return logra.Scorer(store, pre, norm, progress=False).score(queries)
+
+
+def budget_layer_k(model: nn.Module, config: logra.LoGraConfig, c: Corpus) -> dict[str, tuple[int, int]]:
+    """`allocate_k` over the row width D of `config`, from a statistics-only probe at k0 = PROBE_K."""
+    with logra.GradientLogger(model, config, statistics=False) as uniform:
+        budget = uniform.dim
+    probe = logra.GradientLogger(model, logra.LoGraConfig(k_in=PROBE_K, k_out=PROBE_K, modules=config.modules))
+    _log_docs(model, probe, c)
+    return allocate_k(probe.statistics(), probe.layers, budget)
+
+
+def logra_config(r: Recipe, k: int | None = None) -> logra.LoGraConfig:
+    """logra's default config (k = 64 per side, float32, gaussian) on `logged(r)`; `k` overrides both sides."""
+    config = logra.LoGraConfig(modules=tuple(logged(r)))
+    return config if k is None else dataclasses.replace(config, k_in=k, k_out=k)
+
+
+def logra_scores(
+    model: nn.Module, moments: dict[str, Tensor], c: Corpus, config: logra.LoGraConfig, root: Path
+) -> dict[str, Tensor]:
+    """{method: scores [Q, N]} of every logra method under `config` (the budget: its row width D)."""
+    _log_docs(model, logra.GradientLogger(model, config, store=root / "default"), c)
+    store = logra.GradientStore.open(root / "default")
+    queries, _ = _query_rows(model, config, c)
+    out = {m: _scores(store, queries, m) for m in ("identity", "kfac", "ekfac")}
+    out["identity, cosine"] = _scores(store, queries, "identity", "cosine")
+    out["ekfac, cosine"] = _scores(store, queries, "ekfac", "cosine")
+    layer_k = budget_layer_k(model, config, c)
+    budget = logra.LoGraConfig(modules=config.modules, layer_k=layer_k)
+    _log_docs(model, logra.GradientLogger(model, budget, store=root / "budget"), c)
+    out["budget, ekfac"] = _scores(logra.GradientStore.open(root / "budget"), _query_rows(model, budget, c)[0], "ekfac")
+    out.update(trackstar_scores(model, moments, config, c, root / "trackstar"))
+    return out
+
+
+def trackstar_scores(
+    model: nn.Module, moments: dict[str, Tensor], config: logra.LoGraConfig, c: Corpus, root: Path
+) -> dict[str, Tensor]:
+    """TrackStar (logra.presets): rows corrected by AdamW's v̂, mixed train/query curvature, cosine."""
+    from logra.curvature.optimizer import SecondMoments
+    from logra.presets import trackstar_config, trackstar_scorer
+
+    ts_config, correction = trackstar_config(model, config, SecondMoments(moments))
+    _log_docs(model, logra.GradientLogger(model, ts_config, store=root, correction=correction), c)
+    store = logra.GradientStore.open(root)
+    queries, stats = _query_rows(model, store.config, c, correction=correction)
+    scorer, _ = trackstar_scorer(store, queries, stats, method="ekfac")
+    return {"trackstar": scorer.score(queries)}
+
+
+def bm25_scores(c: Corpus) -> Tensor:
+    """[Q, N] BM25 (bm25s defaults: Lucene variant, k1 = 1.5, b = 0.75) of question + answer vs documents."""
+    import bm25s
+
+    model = bm25s.BM25()
+    model.index(_tokenised(c.docs), show_progress=False)
+    return torch.tensor(np.stack([model.get_scores(q) for q in _tokenised([p + a for p, a in c.queries])]))
+
+
+def _tokenised(texts: list[list[str]]) -> list[list[str]]:
+    """Word tokens without punctuation, bm25s's English stopwords and the 'q' / 'a' markers (corpus and queries)."""
+    from bm25s.stopwords import STOPWORDS_EN
+
+    drop = {"q", "a", *STOPWORDS_EN}
+    return [[w for w in t if w.isalnum() and w not in drop] for t in texts]
+
+
+def ranks(scores: Tensor, source: Tensor) -> Tensor:
+    """(Q,) 1-based rank of each query's source document: ties with it count as ranked above it."""
+    own = scores.gather(1, source[:, None])
+    return (scores >= own).sum(dim=1)
+
+
+def metrics(rank: Tensor) -> dict[str, float]:
+    r = rank.double()
+    if not len(r):
+        return {"n": 0, "recall@1": float("nan"), "recall@10": float("nan"), "mrr": float("nan")}
+    return {"n": len(r), "recall@1": float((r <= 1).double().mean()), "recall@10": float((r <= 10).double().mean()),
+            "mrr": float((1.0 / r).mean())}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def trained(r: Recipe, c: Corpus, cache: Path | None, log: Any = print) -> tuple[nn.Module, dict[str, Tensor]]:
+    """The trained model and its AdamW v̂, from `cache` when it holds this recipe's (else trained, saved)."""
+    meta = cache.with_suffix(".json") if cache is not None else None
+    if cache is not None and meta is not None and cache.exists() and meta.exists():
+        if json.loads(meta.read_text())["recipe"] == asdict(r):
+            model = gpt2(r, len(c.vocab) + 1).eval()
+            with np.load(cache, allow_pickle=False) as data:
+                model.load_state_dict({k[2:]: torch.from_numpy(data[k]) for k in data.files if k.startswith("w/")})
+                moments = {k[2:]: torch.from_numpy(data[k]).double() for k in data.files if k.startswith("v/")}
+            return model, moments
+    start = time.perf_counter()
+    model, moments = train(r, c, log)
+    if cache is not None and meta is not None:
+        cache.parent.mkdir(exist_ok=True)
+        arrays = {f"w/{k}": v.numpy() for k, v in model.state_dict().items()}
+        arrays.update({f"v/{k}": v.float().numpy() for k, v in moments.items()})
+        np.savez_compressed(cache, **arrays)
+        meta.write_text(json.dumps({"recipe": asdict(r), "train_s": round(time.perf_counter() - start)}, indent=1))
+    return model, moments
+
+
+def run(r: Recipe, cache: Path | None = CACHE, log: Any = print, k: int | None = None) -> dict[str, Any]:
+    """Build the corpus, train (or load) the model, attribute every query; the results as a dict."""
+    c = build_corpus(r)
+    model, moments = trained(r, c, cache, log)
+    q_ids, q_mask, q_labels = query_batch(c)
+    hit = recalled(model, q_ids, q_mask, q_labels)
+    source = torch.tensor([f.doc for f in c.facts])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        scores = logra_scores(model, moments, c, logra_config(r, k), Path(tmp))
+    logra_s = time.perf_counter() - start
+    scores["bm25"] = bm25_scores(c)
+    methods = {}
+    for name, s in scores.items():
+        rank = ranks(s, source)
+        per_relation = {rel: metrics(rank[[f.relation == rel for f in c.facts]]) for rel in RELATIONS}
+        methods[name] = {"all": metrics(rank), "recalled": metrics(rank[hit]), "not_recalled": metrics(rank[~hit]),
+                         "per_relation": per_relation, "ranks": rank.tolist(),
+                         "articles_only": metrics(ranks(s[:, : r.n_docs], source)),
+                         "top1_is_qa_document": float((s.argmax(dim=1) >= r.n_docs).double().mean())}  # fmt: skip
+    return {
+        "recipe": asdict(r),
+        "corpus": {"documents": len(c.docs), "articles": r.n_docs, "qa_documents": len(c.docs) - r.n_docs,
+                   "vocab": len(c.vocab) + 1, "eval_facts": len(c.facts), "demo_facts": r.n_demo},
+        "logged": logged(r),
+        "config": logra_config(r, k).to_dict(),
+        "recall": float(hit.double().mean()),
+        "recalled": hit.tolist(),
+        "facts": [asdict(f) for f in c.facts],
+        "logra_s": round(logra_s, 1),
+        "methods": methods,
+    }  # fmt: skip
+
+
+def table(result: dict[str, Any]) -> str:
+    """The printed table: recall@1 / recall@10 / MRR per method, on all queries and on recalled ones."""
+    heads = " ".join(f"{h:>6}" for h in ("R@1", "R@10", "MRR"))
+    lines = [
+        f"fact tracing: {result['corpus']['eval_facts']} facts, {result['corpus']['documents']} documents, "
+        f"answer recall {result['recall']:.2f} ({sum(result['recalled'])} recalled)",
+        f"{'method':<16} {heads} | recalled: {heads}   top-1 QA doc   MRR among articles only",
+    ]
+    for name, m in result["methods"].items():
+        a, h = m["all"], m["recalled"]
+        cells = [f"{x[key]:6.3f}" for x in (a, h) for key in ("recall@1", "recall@10", "mrr")]
+        qa, art = m["top1_is_qa_document"], m["articles_only"]["mrr"]
+        lines.append(f"{name:<16} {' '.join(cells[:3])} |           {' '.join(cells[3:])}   {qa:6.2f}   {art:6.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results JSON")
+    parser.add_argument("--k", type=int, default=None, help="projection size of every side (default: logra's, 64)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared box)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(Recipe(), k=args.k)
+    print(table(result))
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
