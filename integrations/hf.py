@@ -25,7 +25,6 @@ one manifest lists them all (see `logra.distributed`); the result is the same st
 from __future__ import annotations
 
 import enum
-import inspect
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -49,7 +48,10 @@ from logra.estimate import estimate_run
 from logra.losses import Task, TokenReduction, detect_task, hf_logits_fn, per_example_losses
 from logra.store import GradientStore
 from logra.streaming import is_stream, stream_batches
-from logra.types import ExampleId, normalize_ids, parse_enum
+from logra.types import ExampleId, parse_enum
+
+from .hf_data import MODEL_INPUTS as MODEL_INPUTS  # re-exported
+from .hf_data import collate, collate_features, dataset_ids, model_columns, tokenized_dataset
 
 
 class LossMode(str, enum.Enum):
@@ -68,91 +70,6 @@ def _loss_is_customised(trainer: Any) -> bool:
         or getattr(trainer, "compute_loss_func", None) is not None
         or getattr(trainer, "label_smoother", None) is not None
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Data: the Trainer's collator, the model's columns, ids from the dataset.
-
-
-def dataset_ids(dataset: Any, id_column: str | None) -> list[ExampleId]:
-    """The example ids of `dataset`: its `id_column` (ints or strs), or its row indices."""
-    if id_column is None:
-        return list(range(len(dataset)))
-    names = getattr(dataset, "column_names", None)
-    if names is not None and id_column not in names:
-        raise ConfigError(f"id_column={id_column!r} is not a column of the dataset; its columns are {names}.")
-    ids = list(dataset[id_column]) if names is not None else [dataset[i][id_column] for i in range(len(dataset))]
-    out = normalize_ids(ids)
-    if len(set(out)) != len(out):
-        raise ConfigError(f"id_column={id_column!r} repeats ids; every example needs its own id (or pass None).")
-    return out
-
-
-MODEL_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
-
-
-def tokenized_dataset(trainer: Any, dataset: Any, id_column: str | None, text_column: str | None = None) -> Any:
-    """`dataset` ready for the model: raw text tokenised with the Trainer's tokenizer, or refused.
-
-    A `datasets.Dataset` without model inputs (input_ids, ...) but with a text column (`text_column`,
-    else `text`, else its one string column other than the id) is tokenised with
-    `trainer.processing_class` (truncated to the tokenizer's max length; the text column removed).
-    Without a tokenizer or an unambiguous text column, ConfigError names the columns and the fix,
-    before anything is logged or written. Datasets without column names pass unchanged.
-    """
-    names = getattr(dataset, "column_names", None)
-    if names is None or (text_column is None and any(c in names for c in MODEL_INPUTS)):
-        return dataset
-    if text_column is not None and text_column not in names:
-        raise ConfigError(f"text_column={text_column!r} is not a column of the dataset; its columns are {names}.")
-    features = getattr(dataset, "features", {}) or {}
-    strings = ("string", "large_string")
-    texts = [c for c in names if c != id_column and getattr(features.get(c), "dtype", None) in strings]
-    column = text_column or ("text" if "text" in texts else texts[0] if len(texts) == 1 else None)
-    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
-    if column is None:
-        raise ConfigError(
-            f"the dataset has no model inputs ({', '.join(MODEL_INPUTS[:1])} ...) among its columns {names}"
-            + (f" and several text columns {texts}; pass text_column=... to log_trainer" if texts else
-               "; tokenise it first: dataset.map(lambda b: tokenizer(b['text'], truncation=True), batched=True)")
-            + "."
-        )  # fmt: skip
-    if tokenizer is None or not callable(tokenizer):
-        raise ConfigError(
-            f"the dataset holds raw text in column {column!r} (columns {names}) and no input_ids, and the Trainer has "
-            "no tokenizer to encode it: create it with Trainer(..., processing_class=tokenizer), or tokenise first: "
-            f"dataset = dataset.map(lambda b: tokenizer(b[{column!r}], truncation=True), batched=True, "
-            f"remove_columns=[{column!r}])."
-        )
-    try:
-        return dataset.map(lambda b: tokenizer(b[column], truncation=True), batched=True, remove_columns=[column])
-    except Exception as exc:
-        raise ConfigError(
-            f"tokenising column {column!r} with the Trainer's tokenizer failed ({type(exc).__name__}: {exc}); "
-            "tokenise the dataset yourself and pass it with input_ids."
-        ) from None
-
-
-def _model_columns(trainer: Any, model: nn.Module) -> set[str] | None:
-    """The feature keys the Trainer would keep (None keeps all), as its `remove_unused_columns` does."""
-    if not getattr(trainer.args, "remove_unused_columns", True):
-        return None
-    keep = set(inspect.signature(model.forward).parameters)
-    return keep | {"label", "label_ids"} | set(getattr(trainer, "label_names", None) or [])
-
-
-def _collate(trainer: Any, dataset: Any, indices: Sequence[int], columns: set[str] | None) -> dict[str, Any]:
-    return _collate_features(trainer, [dataset[int(i)] for i in indices], columns)
-
-
-def _collate_features(trainer: Any, features: list[Any], columns: set[str] | None) -> dict[str, Any]:
-    from transformers import default_data_collator
-
-    if columns is not None:
-        features = [{k: v for k, v in f.items() if k in columns} for f in features]
-    collate = trainer.data_collator if trainer.data_collator is not None else default_data_collator
-    batch = collate(features)
-    return {k: v.to(trainer.args.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def _is_fsdp(model: nn.Module) -> bool:
@@ -233,11 +150,11 @@ def _run(
 ) -> None:  # fmt: skip
     """Log each batch of dataset indices through `logger`; the records go to `sink` when given."""
     model = logger.model
-    columns = _model_columns(p.trainer, model)
+    columns = model_columns(p.trainer, model)
     total = sum(len(b) for b in batches)
     with eval_mode(model), tqdm(total=total, desc=desc, unit="ex", disable=not progress) as bar:
         for batch in batches:
-            inputs = _collate(p.trainer, p.dataset, batch, columns)
+            inputs = collate(p.trainer, p.dataset, batch, columns)
             mask = inputs.get(p.mask_key) if p.mask_key is not None else None
             with logger.record(ids=[p.ids[i] for i in batch], mask=mask, param_grads=False) as rec:
                 _batch_loss(p, model, inputs).backward()
@@ -254,13 +171,13 @@ def _run_stream(p: _Pass, logger: GradientLogger, id_column: str | None, progres
             "a streamed dataset cannot be logged under FSDP with several processes: FSDP needs the same number of "
             "batches on every rank, which a stream of unknown length cannot promise. Use a map-style dataset."
         )
-    columns = _model_columns(p.trainer, model)
+    columns = model_columns(p.trainer, model)
     size = 1 if p.mode is LossMode.COMPUTE_LOSS else p.batch_size
     if progress:
         tqdm.write("[logra] estimate: " + estimate_run(logger, None).describe(), file=sys.stderr)
     with eval_mode(model), tqdm(desc=desc, unit="ex", disable=not progress) as bar:
         for ids, features in stream_batches(p.dataset, size, id_key=id_column, skip=logger.committed_ids):
-            inputs = _collate_features(p.trainer, features, columns)
+            inputs = collate_features(p.trainer, features, columns)
             mask = inputs.get(p.mask_key) if p.mask_key is not None else None
             with logger.record(ids=ids, mask=mask, param_grads=False):
                 _batch_loss(p, model, inputs).backward()
@@ -318,32 +235,30 @@ def log_trainer(
     p = _prepare(trainer, dataset, id_column, loss, task, token_reduction, mask_key, batch_size, text_column)
     rank, world = distributed.rank_world()
     logger = distributed.open_logger(trainer.model, config, store, shard_rows=shard_rows, statistics=statistics)
-    if is_stream(p.dataset):
-        try:
-            _run_stream(p, logger, id_column, progress and rank == 0, desc)
-        except BaseException:
-            logger.close()
-            raise
-        streamed = distributed.finalize_store(logger)
-        assert streamed is not None  # a store path was given
-        return streamed
     try:
-        share: Sequence[int] = distributed.split_range(len(p.dataset), rank, world)
-        fsdp = _is_fsdp(logger.model)
-        if logger.committed_ids:  # resume: the batching of the rest differs, the rows do not
-            if fsdp and world > 1:
-                raise ConfigError("resuming a store under FSDP is not supported; log into a new directory.")
-            share = [i for i in share if p.ids[i] not in logger.committed_ids]
-        show = progress and rank == 0
-        if show:
-            tqdm.write("[logra] estimate: " + estimate_run(logger, len(p.dataset)).describe(), file=sys.stderr)
-        _run(p, logger, _plan(p, share, len(p.dataset), world, fsdp), progress=show, desc=desc)
+        if is_stream(p.dataset):
+            _run_stream(p, logger, id_column, progress and rank == 0, desc)
+        else:
+            _run_share(p, logger, rank, world, progress and rank == 0, desc)
     except BaseException:
         logger.close()
         raise
     result = distributed.finalize_store(logger)
     assert result is not None  # a store path was given
     return result
+
+
+def _run_share(p: _Pass, logger: GradientLogger, rank: int, world: int, show: bool, desc: str) -> None:
+    """Log this rank's contiguous share of a map-style dataset, less the ids the store already holds."""
+    share: Sequence[int] = distributed.split_range(len(p.dataset), rank, world)
+    fsdp = _is_fsdp(logger.model)
+    if logger.committed_ids:  # resume: the batching of the rest differs, the rows do not
+        if fsdp and world > 1:
+            raise ConfigError("resuming a store under FSDP is not supported; log into a new directory.")
+        share = [i for i in share if p.ids[i] not in logger.committed_ids]
+    if show:
+        tqdm.write("[logra] estimate: " + estimate_run(logger, len(p.dataset)).describe(), file=sys.stderr)
+    _run(p, logger, _plan(p, share, len(p.dataset), world, fsdp), progress=show, desc=desc)
 
 
 def trainer_rows(
@@ -390,12 +305,12 @@ class _Collated:
     """The collated batches of `dataset`, re-iterable (ekfac's true Fisher takes two passes)."""
 
     def __init__(self, p: _Pass, model: nn.Module) -> None:
-        self.p, self.columns = p, _model_columns(p.trainer, model)
+        self.p, self.columns = p, model_columns(p.trainer, model)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n, size = len(self.p.dataset), self.p.batch_size
         for start in range(0, n, size):
-            yield _collate(self.p.trainer, self.p.dataset, range(start, min(start + size, n)), self.columns)
+            yield collate(self.p.trainer, self.p.dataset, range(start, min(start + size, n)), self.columns)
 
 
 def trainer_fisher(

@@ -335,6 +335,27 @@ def validate(
 
     Returns: a `ValidationResult`; `str()` of it is a table, `.best` the best setting.
     """
+    dampings, ks = _checked_settings(train_fn, score_fn, dampings, ks, n_bootstrap, confidence)
+    subsets = random_subsets(n_train, n_subsets, fraction, seed)  # validates n_train, n_subsets, fraction
+    retraining = retrain(train_fn, subsets, measure, progress)
+    n_queries = retraining.outputs.shape[1]
+    if n_queries < 2:
+        raise ConfigError(
+            f"train_fn measured {n_queries} query output(s); a bootstrap over queries needs >= 2 (use 20+)."
+        )
+    settings = [
+        _setting(score_fn, d, k, subsets, retraining.outputs, outputs_are_losses, n_bootstrap, float(confidence), seed)
+        for d in dampings
+        for k in ks
+    ]
+    return ValidationResult(tuple(settings), n_train, n_subsets, n_queries, fraction, float(confidence), retraining)
+
+
+def _checked_settings(
+    train_fn: Any, score_fn: Any, dampings: Sequence[float | None], ks: Sequence[int | None], n_bootstrap: Any,
+    confidence: Any,
+) -> tuple[tuple[float | None, ...], tuple[int | None, ...]]:  # fmt: skip
+    """(dampings, ks) as tuples; ConfigError on any argument of `validate` that cannot work, before retraining."""
     if not callable(train_fn):
         raise ConfigError(f"train_fn={train_fn!r} is not callable; pass train_fn(indices) -> query outputs.")
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 100:
@@ -355,24 +376,22 @@ def validate(
             "score_fn is a fixed [Q, N] array but several dampings/ks were asked for; pass a function "
             "score_fn(damping=..., k=...) -> [Q, N] scores, or leave dampings and ks at (None,)."
         )
-    subsets = random_subsets(n_train, n_subsets, fraction, seed)  # validates n_train, n_subsets, fraction
-    retraining = retrain(train_fn, subsets, measure, progress)
-    n_queries = retraining.outputs.shape[1]
-    if n_queries < 2:
+    return dampings, ks
+
+
+def _setting(
+    score_fn: Any, damping: float | None, k: int | None, subsets: Tensor, outputs: Tensor, outputs_are_losses: bool,
+    n_bootstrap: int, confidence: float, seed: int,
+) -> ValidationSetting:  # fmt: skip
+    """The per-query LDS of `score_fn(damping=, k=)` against the retrained `outputs` [S, Q], and its interval."""
+    n_queries, n_train = outputs.shape[1], subsets.shape[1]
+    scores = score_fn(damping=damping, k=k) if callable(score_fn) else score_fn
+    s = _as_tensor(scores, f"the scores for damping={damping}, k={k}")
+    if s.shape != (n_queries, n_train):
         raise ConfigError(
-            f"train_fn measured {n_queries} query output(s); a bootstrap over queries needs >= 2 (use 20+)."
+            f"the scores for damping={damping}, k={k} have shape {tuple(s.shape)}; expected "
+            f"[{n_queries} queries, {n_train} training examples] (one row per measured query output)."
         )
-    settings = []
-    for d in dampings:
-        for k in ks:
-            scores = score_fn(damping=d, k=k) if callable(score_fn) else score_fn
-            s = _as_tensor(scores, f"the scores for damping={d}, k={k}")
-            if s.shape != (n_queries, n_train):
-                raise ConfigError(
-                    f"the scores for damping={d}, k={k} have shape {tuple(s.shape)}; expected "
-                    f"[{n_queries} queries, {n_train} training examples] (one row per measured query output)."
-                )
-            per_q = per_query_lds(s, subsets, retraining.outputs, outputs_are_losses)
-            lo, hi = _bootstrap_interval(per_q, n_bootstrap, float(confidence), seed)
-            settings.append(ValidationSetting(d, k, float(per_q.mean()), lo, hi, per_q))
-    return ValidationResult(tuple(settings), n_train, n_subsets, n_queries, fraction, float(confidence), retraining)
+    per_q = per_query_lds(s, subsets, outputs, outputs_are_losses)
+    lo, hi = _bootstrap_interval(per_q, n_bootstrap, confidence, seed)
+    return ValidationSetting(damping, k, float(per_q.mean()), lo, hi, per_q)

@@ -72,6 +72,28 @@ def allocate_k(
             raise ConfigError(f"allocate_k({name}={value!r}): must be a positive int.")
     if not relative_damping > 0:
         raise ConfigError(f"allocate_k(relative_damping={relative_damping!r}) must be > 0.")
+    spectra = _spectra(statistics, layers, relative_damping)
+    tables = {
+        name: _gain_table(mu_in, mu_out, damping, k_min, step) for name, (mu_in, mu_out, damping) in spectra.items()
+    }
+    floor = sum(int(t.cost[0, 0]) for t in tables.values())
+    if floor > budget:
+        raise ConfigError(
+            f"budget={budget} floats cannot give every one of the {len(layers)} layers k_min={k_min} per side "
+            f"(that alone takes {floor}); raise the budget or lower k_min."
+        )
+    price = _price(tables, budget)
+    choice = {name: t.best(price) for name, t in tables.items()}
+    used = sum(int(tables[n].cost[c]) for n, c in choice.items())
+    _fill(tables, choice, budget - used)
+    _exchange(tables, choice, budget)
+    return {name: (int(tables[name].k_in[i]), int(tables[name].k_out[j])) for name, (i, j) in choice.items()}
+
+
+def _spectra(
+    statistics: Mapping[str, KroneckerStatistics], layers: Sequence[LayerInfo], relative_damping: float
+) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """{layer: (μ_in, μ_out, λ)}: the probe's input- and output-side eigenvalues and the layer's damping."""
     missing = [layer.name for layer in layers if layer.name not in statistics]
     if missing or not layers:
         raise ConfigError(
@@ -86,30 +108,22 @@ def allocate_k(
         mu_out, mu_in = _spectrum(s.grad_covariance()), _spectrum(s.input_covariance())
         full_mean = float(mu_out.sum()) * float(mu_in.sum()) / (layer.n_out * layer.n_in)  # traces are kept
         spectra[layer.name] = (mu_in, mu_out, relative_damping * full_mean)
-    tables = {
-        name: _gain_table(mu_in, mu_out, damping, k_min, step) for name, (mu_in, mu_out, damping) in spectra.items()
-    }
-    floor = sum(int(t.cost[0, 0]) for t in tables.values())
-    if floor > budget:
-        raise ConfigError(
-            f"budget={budget} floats cannot give every one of the {len(layers)} layers k_min={k_min} per side "
-            f"(that alone takes {floor}); raise the budget or lower k_min."
-        )
-    # Lagrangian relaxation: with a price ν per float each layer independently takes the grid point
-    # of largest gain - ν·cost; the smallest ν whose choices fit the budget is found by bisection.
+    return spectra
+
+
+def _price(tables: dict[str, _GainTable], budget: int) -> float:
+    """The smallest price ν per float at which every layer's own best choice fits the budget together.
+
+    Lagrangian relaxation: with a price ν per float each layer independently takes the grid point
+    of largest gain - ν·cost; the smallest ν whose choices fit the budget is found by bisection.
+    """
     lo, hi = 0.0, max(float(t.gain.max()) for t in tables.values()) + 1.0
-    if _cost(tables, lo) > budget:
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if _cost(tables, mid) > budget else (lo, mid)
-        price = hi
-    else:
-        price = lo
-    choice = {name: t.best(price) for name, t in tables.items()}
-    used = sum(int(tables[n].cost[c]) for n, c in choice.items())
-    _fill(tables, choice, budget - used)
-    _exchange(tables, choice, budget)
-    return {name: (int(tables[name].k_in[i]), int(tables[name].k_out[j])) for name, (i, j) in choice.items()}
+    if _cost(tables, lo) <= budget:
+        return lo
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _cost(tables, mid) > budget else (lo, mid)
+    return hi
 
 
 class _GainTable:

@@ -190,8 +190,6 @@ def _query_rows(
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import torch
-
     from logra.store.reader import GradientStore
 
     if not args.out and not args.matrix:
@@ -211,50 +209,69 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         pre = _preconditioner(args, store)
     scorer = _scorer(store, pre, args.normalization, args.chunk_rows)
-    rank, world = rank_world()
-    if args.matrix:
-        matrix = Path(args.matrix)
-        if matrix.suffix != ".npy":
-            raise ConfigError(f"--matrix {matrix} must end in .npy.")
-        if world == 1:
-            matrix.parent.mkdir(parents=True, exist_ok=True)
-            scores = scorer.score(rows, out=matrix)  # a view of the written float32 matrix
-        else:  # every rank scores its shards; rank 0 writes the gathered [Q, N] matrix
-            scores = scorer.score(rows).to(torch.float32)  # the table's scores are the matrix's, as on one process
-            if rank == 0:
-                matrix.parent.mkdir(parents=True, exist_ok=True)
-                _save_npy(matrix, scores.numpy())
-        meta = {
-            "provenance": _provenance(scorer, rows),
-            "query_ids": query_ids,
-            "store": str(store.root.resolve()),
-            "queries": str(Path(args.queries).resolve()),
-            "query_fields": fields,
-            "normalization": args.normalization,
-            "preconditioner": args.preconditioner or args.method,
-            "preset": args.preset,
-        }
-        if rank == 0:
-            write_json(Path(str(matrix) + ".json"), meta)
-        say(f"wrote the [{len(query_ids)}, {len(store)}] score matrix -> {matrix}")
+    scores = _write_matrix(args, scorer, store, query_ids, rows, fields) if args.matrix else None
     if args.out:
-        k = min(args.top_k, len(store))
-        top = _top_k_of(scores, store.ids, k) if args.matrix else scorer.top_k(rows, k)  # the store is read once
-        if rank != 0:
-            return 0
-        cols: dict[str, list[Any]] = {"query_id": [], "direction": [], "rank": [], "train_id": [], "score": []}
-        for q, qid in enumerate(query_ids):
-            for direction, ids, values in (
-                ("helpful", top.helpful_ids, top.helpful_scores),
-                ("harmful", top.harmful_ids, top.harmful_scores),
-            ):
-                for r in range(k):
-                    for c, v in zip(cols, (qid, direction, r + 1, ids[q][r], float(values[q, r]))):
-                        cols[c].append(v)
-        write_table(Path(args.out), cols)
-        write_json(Path(str(args.out) + ".json"), {"provenance": _provenance(scorer, rows), "top_k": k})
-        say(f"wrote the top {k} helpful and harmful examples of {len(query_ids)} queries -> {args.out}")
+        _write_top_k(args, scorer, store, query_ids, rows, scores)
     return 0
+
+
+def _write_matrix(
+    args: argparse.Namespace, scorer: Any, store: Any, query_ids: list[Any], rows: Any, fields: dict[str, Any]
+) -> Any:
+    """Score every query against every row; write the [Q, N] float32 --matrix and its FILE.json (rank 0)."""
+    import torch
+
+    rank, world = rank_world()
+    matrix = Path(args.matrix)
+    if matrix.suffix != ".npy":
+        raise ConfigError(f"--matrix {matrix} must end in .npy.")
+    if world == 1:
+        matrix.parent.mkdir(parents=True, exist_ok=True)
+        scores = scorer.score(rows, out=matrix)  # a view of the written float32 matrix
+    else:  # every rank scores its shards; rank 0 writes the gathered [Q, N] matrix
+        scores = scorer.score(rows).to(torch.float32)  # the table's scores are the matrix's, as on one process
+        if rank == 0:
+            matrix.parent.mkdir(parents=True, exist_ok=True)
+            _save_npy(matrix, scores.numpy())
+    meta = {
+        "provenance": _provenance(scorer, rows),
+        "query_ids": query_ids,
+        "store": str(store.root.resolve()),
+        "queries": str(Path(args.queries).resolve()),
+        "query_fields": fields,
+        "normalization": args.normalization,
+        "preconditioner": args.preconditioner or args.method,
+        "preset": args.preset,
+    }
+    if rank == 0:
+        write_json(Path(str(matrix) + ".json"), meta)
+    say(f"wrote the [{len(query_ids)}, {len(store)}] score matrix -> {matrix}")
+    return scores
+
+
+def _write_top_k(
+    args: argparse.Namespace, scorer: Any, store: Any, query_ids: list[Any], rows: Any, scores: Any
+) -> None:
+    """Write the --out table of each query's --top-k helpful and harmful examples, and its FILE.json (rank 0).
+
+    From `scores` (the matrix just written) when given, so the store is read once; else by `scorer.top_k`.
+    """
+    k = min(args.top_k, len(store))
+    top = _top_k_of(scores, store.ids, k) if scores is not None else scorer.top_k(rows, k)
+    if rank_world()[0] != 0:
+        return
+    cols: dict[str, list[Any]] = {"query_id": [], "direction": [], "rank": [], "train_id": [], "score": []}
+    for q, qid in enumerate(query_ids):
+        for direction, ids, values in (
+            ("helpful", top.helpful_ids, top.helpful_scores),
+            ("harmful", top.harmful_ids, top.harmful_scores),
+        ):
+            for r in range(k):
+                for c, v in zip(cols, (qid, direction, r + 1, ids[q][r], float(values[q, r]))):
+                    cols[c].append(v)
+    write_table(Path(args.out), cols)
+    write_json(Path(str(args.out) + ".json"), {"provenance": _provenance(scorer, rows), "top_k": k})
+    say(f"wrote the top {k} helpful and harmful examples of {len(query_ids)} queries -> {args.out}")
 
 
 def _check_preset(args: argparse.Namespace) -> bool:
@@ -333,8 +350,6 @@ def _save_npy(path: Path, values: np.ndarray) -> None:
         write_durable(path, lambda f: np.save(f, values))
     except OSError as exc:
         raise no_space(path, values.nbytes + 128, exc) from None
-
-
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -20,9 +20,7 @@ from logra.errors import ConfigError, StoreError
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from logra.capture.logger import GradientLogger
-    from logra.cli.inputs import ModelSettings, check_task_fields, encode, load_model, load_records, log_examples
-    from logra.config import LoGraConfig
+    from logra.cli.inputs import check_task_fields, encode, load_model, load_records
     from logra.store.manifest import MANIFEST
 
     out = Path(args.out)
@@ -37,7 +35,31 @@ def cmd_log(args: argparse.Namespace) -> int:
         stream = stream_records(args.data, settings, args.split, args.limit)
     else:
         records = load_records(args.data, settings, args.split, args.limit)  # bad data fails before the model loads
-    config = LoGraConfig(
+    config = _config_from(args)
+    model, tokenizer, task = load_model(settings)
+    settings.task = task.value
+    check_task_fields(task, settings)
+    _check_resume(args, out, settings)
+    settings.extra = {"data": str(Path(args.data).resolve()), "split": args.split, "limit": args.limit}
+    if args.streaming:
+        config, correction = _correction(args, model, config)
+        return log_stream(args, out, model, tokenizer, task, settings, config, stream, say, correction)
+    encoded = encode(records, tokenizer, task, settings.max_length, getattr(model.config, "label2id", None))
+    if args.budget:
+        config = _budget_config(args, model, encoded, task, settings, config)
+    config, correction = _correction(args, model, config)
+    estimate = _estimate(args, model, encoded, task, settings, config, correction)
+    if args.dry_run:
+        return 0
+    _log_encoded(args, out, model, encoded, task, settings, config, correction, estimate)
+    return 0
+
+
+def _config_from(args: argparse.Namespace) -> Any:
+    """The LoGraConfig of `logra log`'s options."""
+    from logra.config import LoGraConfig
+
+    return LoGraConfig(
         k_in=args.k_in or args.k,
         k_out=args.k_out or args.k,
         init=args.init,
@@ -49,9 +71,12 @@ def cmd_log(args: argparse.Namespace) -> int:
         nonfinite=args.nonfinite,
         pca_statistics=args.pca_statistics,
     )
-    model, tokenizer, task = load_model(settings)
-    settings.task = task.value
-    check_task_fields(task, settings)
+
+
+def _check_resume(args: argparse.Namespace, out: Path, settings: Any) -> None:
+    """With --resume, refuse settings or data other than those the store at `out` was logged with."""
+    from logra.cli.inputs import ModelSettings
+
     saved = ModelSettings.load(out)
     if args.resume and saved is not None and {**vars(saved), "extra": {}} != {**vars(settings), "extra": {}}:
         raise ConfigError(f"--resume with other settings than the store at {out} was logged with: {vars(saved)}.")
@@ -63,17 +88,23 @@ def cmd_log(args: argparse.Namespace) -> int:
             f"{recorded[0]} (split {recorded[1]}); resume with the same data, or log the "
             "other data into a new store."
         )
-    settings.extra = {"data": data_path, "split": args.split, "limit": args.limit}
-    if args.streaming:
-        config, correction = _correction(args, model, config)
-        return log_stream(args, out, model, tokenizer, task, settings, config, stream, say, correction)
-    encoded = encode(records, tokenizer, task, settings.max_length, getattr(model.config, "label2id", None))
-    if args.budget:
-        config = _budget_config(args, model, encoded, task, settings, config)
-    config, correction = _correction(args, model, config)
-    estimate = _estimate(args, model, encoded, task, settings, config, correction)
-    if args.dry_run:
-        return 0
+
+
+def _log_encoded(
+    args: argparse.Namespace,
+    out: Path,
+    model: Any,
+    encoded: Any,
+    task: Any,
+    settings: Any,
+    config: Any,
+    correction: Any,
+    estimate: Any,
+) -> None:
+    """Log this rank's share of `encoded` into the store at `out` (settings saved beside it), and say so."""
+    from logra.capture.logger import GradientLogger
+    from logra.cli.inputs import log_examples
+
     rank, world = rank_world()
     total = len(encoded.ids)
     if world > 1:  # this rank's contiguous share: store rows stay in dataset order
@@ -108,7 +139,6 @@ def cmd_log(args: argparse.Namespace) -> int:
         f"logged {count} in {elapsed:.1f} s ({len(layers)} layers, D={dim}, "
         f"{dim * config.dtype.itemsize / 1024:.1f} KiB per example) -> {out}"
     )
-    return 0
 
 
 def _correction(args: argparse.Namespace, model: Any, config: Any) -> tuple[Any, Any]:

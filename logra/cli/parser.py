@@ -109,17 +109,31 @@ def _precondition_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `logra` parser: one subcommand per pipeline step, each with its `func`."""
     parser = _Parser(
         prog="logra", description="LoGra influence functions: which training examples made the model say what it said."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = _Formatter
+    for add in (_add_log, _add_fit, _add_score, _add_self_influence, _add_report, _add_validate, _add_verify):
+        add(sub)
+    return parser
 
-    p = sub.add_parser("log", help="log projected per-example gradients of a dataset into a store", formatter_class=fmt)
+
+def _add_log(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "log", help="log projected per-example gradients of a dataset into a store", formatter_class=_Formatter
+    )
     p.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.parquet file or a save_to_disk folder")
     p.add_argument("--out", required=True, help="the store directory")
     _model_options(p, required=True)
     g = p.add_argument_group("what to log")
+    _log_selection_options(g)
+    _log_run_options(g)
+    p.set_defaults(func=cmd_log)
+
+
+def _log_selection_options(g: argparse._ArgumentGroup) -> None:
+    """`log`: which layers, their projections and the storage dtype."""
     g.add_argument(
         "--modules", nargs="+", help="fnmatch patterns of layer names, e.g. '*mlp*' (default: every Linear/Conv1D)"
     )
@@ -148,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--nonfinite", default=NonFinitePolicy.RAISE.value, choices=enum_values(NonFinitePolicy), help="on NaN/Inf"
     )
+
+
+def _log_run_options(g: argparse._ArgumentGroup) -> None:
+    """`log`: the optimizer correction, shards, resume, a dry run and streaming."""
     g.add_argument(
         "--preset",
         choices=enum_values(Preset),
@@ -181,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="read --data as a stream, one batch in memory at a time (for corpora larger than memory); ids from "
         "--id-field or the row number; with --resume, committed ids are skipped; split round-robin across ranks",
     )
-    p.set_defaults(func=cmd_log)
 
-    p = sub.add_parser("fit", help="fit a preconditioner on a store and save it", formatter_class=fmt)
+
+def _add_fit(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("fit", help="fit a preconditioner on a store and save it", formatter_class=_Formatter)
     p.add_argument("store", help="the store directory")
     p.add_argument(
         "--method", choices=_METHODS, default=PreconditionerMethod.KFAC.value, help="curvature approximation"
@@ -202,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=8, help="--fisher true: examples per forward/backward")
     p.set_defaults(func=cmd_fit)
 
+
+def _add_score(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
-        "score", help="score queries against a store: top-k table and/or the full matrix", formatter_class=fmt
+        "score", help="score queries against a store: top-k table and/or the full matrix", formatter_class=_Formatter
     )
     p.add_argument("--store", required=True, help="the training store (from `logra log`)")
     p.add_argument("--queries", required=True, help="a dataset of queries, read like `log --data`")
@@ -228,15 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     _precondition_options(p)
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("self-influence", help="g_iᵀ H⁻¹ g_i of every training example", formatter_class=fmt)
+
+def _add_self_influence(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("self-influence", help="g_iᵀ H⁻¹ g_i of every training example", formatter_class=_Formatter)
     p.add_argument("--store", required=True, help="the training store (from `logra log`)")
     p.add_argument("--out", required=True, help=".csv, .jsonl, .parquet or .npy")
     p.add_argument("--show", type=count, default=10, help="print the N largest")
     _precondition_options(p)
     p.set_defaults(func=cmd_self_influence)
 
+
+def _add_report(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
-        "report", help="write the HTML report of a score matrix and print a summary", formatter_class=fmt
+        "report", help="write the HTML report of a score matrix and print a summary", formatter_class=_Formatter
     )
     p.add_argument("--scores", required=True, help="the .npy written by `logra score --matrix`")
     p.add_argument("--out", required=True, help="the .html file")
@@ -254,10 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_report)
 
+
+def _add_validate(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "validate",
         help="retrain on random subsets with your Python recipe; LDS per damping and k, with a bootstrap CI",
-        formatter_class=fmt,
+        formatter_class=_Formatter,
     )
     p.add_argument(
         "--train-fn", required=True, help="module:function, train_fn(indices) -> [Q] query losses (from scratch)"
@@ -281,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the result as .json")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("verify", help="check every checksum of a store", formatter_class=fmt)
+
+def _add_verify(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser("verify", help="check every checksum of a store", formatter_class=_Formatter)
     p.add_argument("store", help="the store directory")
     p.set_defaults(func=cmd_verify)
-    return parser

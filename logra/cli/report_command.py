@@ -20,46 +20,23 @@ META_TYPES: dict[str, Any] = {
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from logra.cli.inputs import ModelSettings, load_records
     from logra.report import build_queries, format_summary, write_report
-    from logra.store.reader import GradientStore
 
     matrix = Path(args.scores)
     meta_path = Path(str(matrix) + ".json")
     if not matrix.is_file() or not meta_path.is_file():
         raise ConfigError(f"{matrix} and {meta_path} must exist; write them with `logra score --matrix {matrix}`.")
     meta = _matrix_meta(meta_path)
-    store = GradientStore.open(args.store or meta["store"])
-    if meta["provenance"]["store"] != store.fingerprint:
-        raise ConfigError(
-            f"{matrix} was scored against another state of a store (fingerprint {meta['provenance']['store'][:16]}) "
-            f"than the store at {store.root} ({store.fingerprint[:16]}); score it again."
-        )
-    settings = ModelSettings.load(store.root)
-    if settings is None:
-        raise ConfigError(
-            f"the store at {store.root} was not logged by `logra log`; it has no settings to find its texts."
-        )
-    data = args.data or settings.extra.get("data")
-    if not isinstance(data, str):
-        raise ConfigError(f"the store at {store.root} does not say which dataset it was logged from; pass --data.")
-    train_records = {r["id"]: r for r in load_records(data, settings, settings.extra.get("split"), metadata=True)}
-    train = {i: r["text"] for i, r in train_records.items()}
-    fields = dict(meta["query_fields"])
-    q_split, q_limit = fields.pop("split"), fields.pop("limit")
-    queries = load_records(args.queries or meta["queries"], replace(settings, **fields), q_split, q_limit)
-    by_id = {r["id"]: r for r in queries}
+    store, settings = _scored_store(args, matrix, meta)
+    train_records, by_id = _texts(args, store, settings, meta, meta_path)
     qids = meta["query_ids"]
-    missing = [i for i in qids if i not in by_id]
-    if missing:
-        raise ConfigError(f"the query ids {missing[:5]} of {meta_path} are not in the query file; pass --queries.")
     scores = _load_matrix(matrix, (len(qids), len(store)))
     built = build_queries(
         np.asarray(scores),
         qids,
         [by_id[i]["text"] for i in qids],
         store.ids,
-        train,
+        {i: r["text"] for i, r in train_records.items()},
         args.top_k,
         [by_id[i].get("prompt") for i in qids],
         train_metadata={i: r["meta"] for i, r in train_records.items() if r["meta"]},  # title, source, label, ...
@@ -82,6 +59,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(format_summary(built, show=args.show))
     say(f"wrote the HTML report -> {args.out}")
     return 0
+
+
+def _scored_store(args: argparse.Namespace, matrix: Path, meta: dict[str, Any]) -> tuple[Any, Any]:
+    """(the store `matrix` was scored on, in the state it was scored; its `logra log` settings)."""
+    from logra.cli.inputs import ModelSettings
+    from logra.store.reader import GradientStore
+
+    store = GradientStore.open(args.store or meta["store"])
+    if meta["provenance"]["store"] != store.fingerprint:
+        raise ConfigError(
+            f"{matrix} was scored against another state of a store (fingerprint {meta['provenance']['store'][:16]}) "
+            f"than the store at {store.root} ({store.fingerprint[:16]}); score it again."
+        )
+    settings = ModelSettings.load(store.root)
+    if settings is None:
+        raise ConfigError(
+            f"the store at {store.root} was not logged by `logra log`; it has no settings to find its texts."
+        )
+    return store, settings
+
+
+def _texts(
+    args: argparse.Namespace, store: Any, settings: Any, meta: dict[str, Any], meta_path: Path
+) -> tuple[dict[Any, dict[str, Any]], dict[Any, dict[str, Any]]]:
+    """(training records by id, with metadata; query records by id), read as they were logged and scored."""
+    from logra.cli.inputs import load_records
+
+    data = args.data or settings.extra.get("data")
+    if not isinstance(data, str):
+        raise ConfigError(f"the store at {store.root} does not say which dataset it was logged from; pass --data.")
+    train_records = {r["id"]: r for r in load_records(data, settings, settings.extra.get("split"), metadata=True)}
+    fields = dict(meta["query_fields"])
+    q_split, q_limit = fields.pop("split"), fields.pop("limit")
+    queries = load_records(args.queries or meta["queries"], replace(settings, **fields), q_split, q_limit)
+    by_id = {r["id"]: r for r in queries}
+    missing = [i for i in meta["query_ids"] if i not in by_id]
+    if missing:
+        raise ConfigError(f"the query ids {missing[:5]} of {meta_path} are not in the query file; pass --queries.")
+    return train_records, by_id
 
 
 def _matrix_meta(path: Path) -> dict[str, Any]:

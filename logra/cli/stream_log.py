@@ -57,7 +57,7 @@ def _rows(path: str, split: str | None) -> Any:
 
 
 def _records(rows: Any, path: str, settings: Any, limit: int | None) -> Iterator[dict[str, Any]]:
-    from logra.cli.inputs import _check_id
+    from logra.cli.records import _check_id
 
     wanted = {"text": settings.text_field, "prompt": settings.prompt_field, "label": settings.label_field,
               "id": settings.id_field}  # fmt: skip

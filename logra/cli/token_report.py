@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from logra.capture.logger import QueryRows
 from logra.errors import ConfigError
@@ -74,21 +75,7 @@ def attach_tokens(
     queries = encode([query_records[q.id] for q in built], tokenizer, task, settings.max_length, label2id)
     run = functools.partial(_recorded, model=model, task=task, reduction=settings.token_reduction)
     with TokenAttributor(scorer, model) as attributor:
-        # Query side: each query's rows, and its tokens' shares against every shown document.
-        q_rows, q_shares = [], {}
-        for rec, positions in run(attributor, queries):
-            q_rows.append(rec.as_queries().rows)
-            shares = rec.query_shares(shown)  # (B, R, T)
-            for b, ex_id in enumerate(rec.ids):
-                q_shares[ex_id] = shares[b, :, : positions[b]]  # (R, T_q)
-        query_rows = QueryRows(list(queries.ids), torch.cat(q_rows), store.config, attributor.model_fingerprint,
-                               attributor.layers)  # fmt: skip
-        # Document side: each shown document's tokens' shares against every query.
-        d_shares = {}
-        for rec, positions in run(attributor, docs):
-            shares = rec.train_shares(query_rows)  # (Q, B, T)
-            for b, ex_id in enumerate(rec.ids):
-                d_shares[ex_id] = shares[:, b, : positions[b]]  # (Q, T_d)
+        q_shares, d_shares = _shares(attributor, run, queries, docs, shown, store.config)
     doc_texts = {i: token_texts(tokenizer, t) for i, t in zip(docs.ids, docs.tokens)}
     tolerance = SUM_TOLERANCE.get(store.config.dtype.itemsize, 3e-2)
     out = []
@@ -104,6 +91,34 @@ def attach_tokens(
         k = len(q.helpful)
         out.append(dataclasses.replace(q, helpful=filled[:k], harmful=filled[k:]))
     return out
+
+
+def _shares(
+    attributor: Any,
+    run: Callable[..., Iterator[tuple[Any, list[int]]]],
+    queries: Any,
+    docs: Any,
+    shown: list[ExampleId],
+    config: Any,
+) -> tuple[dict[ExampleId, Tensor], dict[ExampleId, Tensor]]:
+    """({query id: (R, T_q) its tokens' shares against the R shown documents},
+    {document id: (Q, T_d) its tokens' shares against the Q queries})."""
+    # Query side: each query's rows, and its tokens' shares against every shown document.
+    q_rows, q_shares = [], {}
+    for rec, positions in run(attributor, queries):
+        q_rows.append(rec.as_queries().rows)
+        shares = rec.query_shares(shown)  # (B, R, T)
+        for b, ex_id in enumerate(rec.ids):
+            q_shares[ex_id] = shares[b, :, : positions[b]]  # (R, T_q)
+    query_rows = QueryRows(list(queries.ids), torch.cat(q_rows), config, attributor.model_fingerprint,
+                           attributor.layers)  # fmt: skip
+    # Document side: each shown document's tokens' shares against every query.
+    d_shares = {}
+    for rec, positions in run(attributor, docs):
+        shares = rec.train_shares(query_rows)  # (Q, B, T)
+        for b, ex_id in enumerate(rec.ids):
+            d_shares[ex_id] = shares[:, b, : positions[b]]  # (Q, T_d)
+    return q_shares, d_shares
 
 
 def _recorded(

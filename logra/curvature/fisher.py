@@ -131,23 +131,7 @@ def true_fisher_statistics(
 
     With param_grads=True gradients accumulate in the model's `.grad` as in any backward.
     """
-    method = parse_enum(PreconditionerMethod, method, "true_fisher_statistics(method)")
-    if method not in (PreconditionerMethod.KFAC, PreconditionerMethod.EKFAC, PreconditionerMethod.RAW):
-        raise ConfigError(
-            f"true_fisher_statistics(method={method.value!r}) has no Kronecker curvature to measure; "
-            "pass kfac, ekfac or raw."
-        )
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"num_samples={num_samples!r} must be a positive int.")
-    if (loss_fn is None) == (logits_fn is None):
-        raise ConfigError(
-            "true_fisher_statistics needs exactly one of loss_fn= (your loss of labels sampled from the model) "
-            "and logits_fn= (the model's logits; logra takes the expectation over labels)."
-        )
-    if method is PreconditionerMethod.EKFAC and iter(batches) is batches:  # type: ignore[comparison-overlap]
-        raise ConfigError(
-            "method='ekfac' takes two passes over `batches`: pass a list or a DataLoader, not an iterator."
-        )
+    method = _checked_method(method, batches, loss_fn, logits_fn, num_samples)
     draw = _Draws(loss_fn, logits_fn, parse_enum(FisherLabels, labels, "labels"), num_samples, param_grads)
     with GradientLogger(model, config, store=None, statistics=True) as logger:
         covariance = GradientCovariance(logger.layers) if method is PreconditionerMethod.RAW else None
@@ -165,6 +149,34 @@ def true_fisher_statistics(
     return FisherStatistics(
         kronecker, eigenvalues, covariance.result() if covariance else None, n, draw.per_example, draw.exact
     )
+
+
+def _checked_method(
+    method: PreconditionerMethod | str,
+    batches: Iterable[Any],
+    loss_fn: LossFn | None,
+    logits_fn: LogitsFn | None,
+    num_samples: int,
+) -> PreconditionerMethod:
+    """`method` parsed; ConfigError on arguments of `true_fisher_statistics` that cannot work together."""
+    method = parse_enum(PreconditionerMethod, method, "true_fisher_statistics(method)")
+    if method not in (PreconditionerMethod.KFAC, PreconditionerMethod.EKFAC, PreconditionerMethod.RAW):
+        raise ConfigError(
+            f"true_fisher_statistics(method={method.value!r}) has no Kronecker curvature to measure; "
+            "pass kfac, ekfac or raw."
+        )
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples!r} must be a positive int.")
+    if (loss_fn is None) == (logits_fn is None):
+        raise ConfigError(
+            "true_fisher_statistics needs exactly one of loss_fn= (your loss of labels sampled from the model) "
+            "and logits_fn= (the model's logits; logra takes the expectation over labels)."
+        )
+    if method is PreconditionerMethod.EKFAC and iter(batches) is batches:  # type: ignore[comparison-overlap]
+        raise ConfigError(
+            "method='ekfac' takes two passes over `batches`: pass a list or a DataLoader, not an iterator."
+        )
+    return method
 
 
 class _Draws:

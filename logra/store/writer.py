@@ -28,13 +28,13 @@ Failures: any error while the writer writes (ENOSPC, EIO, an interrupt) stops it
 yet committed are discarded, later calls raise `StoreError`, and the committed store stays as it
 was: readable and verifiable. A new writer on the same directory resumes it (committed ids are
 reported so the caller skips them). The reader is `logra.store.reader`, the manifest format
-`logra.store.manifest`, and the merge of rank manifests `logra.store.merge`.
+`logra.store.manifest`, the checks a writer runs when it opens a store `logra.store.resume`, and
+the merge of rank manifests `logra.store.merge`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -53,9 +53,7 @@ from logra.errors import DuplicateIdError, LograError, StoreError
 from logra.store.encoding import encode_rows, encoded_finite, underflowed
 from logra.store.files import TMP_SUFFIX, write_atomic
 from logra.store.manifest import (
-    IDS_RE,
     MANIFEST,
-    SCALES_RE,
     SHARD_RE,
     STATS_RE,
     Manifest,
@@ -66,14 +64,15 @@ from logra.store.manifest import (
     write_manifest,
 )
 from logra.store.reader import GradientStore
+from logra.store.resume import (
+    acquire_lock,
+    check_process_count,
+    check_same_header,
+    describe_os_error,
+    remove_leftovers,
+)
 from logra.store.statistics import write_statistics
 from logra.types import ExampleId, KroneckerStatistics, LayerInfo
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows has no flock: one writer per store is then the user's duty
-    fcntl = None  # type: ignore[assignment]
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # file systems without flock
 
 _WIDER = {StorageDtype.FLOAT16: "float32", StorageDtype.BFLOAT16: "float32", StorageDtype.FLOAT32: "float64"}
 
@@ -95,14 +94,39 @@ def check_unique(ids: list[ExampleId], known: set[ExampleId] | frozenset[Example
         )
 
 
-def _rank_of(pattern_match: re.Match[str] | None) -> str | None:
-    return None if pattern_match is None else pattern_match.group(1)
-
-
 def _number_of(pattern: re.Pattern[str], name: str, rank: int) -> int | None:
     """The NNNNNN of a file name `pattern` matches, when the file is rank `rank`'s."""
     match = pattern.fullmatch(name)
     return int(match.group(2)) if match is not None and match.group(1) == f"{rank:03d}" else None
+
+
+def _encode_checked(ids: list[ExampleId], rows: Tensor, dtype: StorageDtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n, D) rows in the storage dtype, and their per-row scales (float16 only).
+
+    Raises StoreError naming the examples whose rows overflow `dtype`; warns about those with
+    nonzero entries that underflow to 0.
+    """
+    data, scales = encode_rows(rows, dtype)
+    wider = _WIDER.get(dtype, "float64")
+    finite = encoded_finite(data, scales, dtype)
+    if not finite.all():
+        bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
+        raise StoreError(
+            f"the rows of examples {bad[:10]} overflow the storage dtype {dtype.value} (their largest "
+            f"|entry| is {rows.abs().max().item():.3g}); check the loss for divergence, or log into a "
+            f"new store with LoGraConfig(dtype={wider!r})."
+        )
+    lost = underflowed(rows, data, dtype)
+    if lost.any():
+        small = [i for i, x in zip(ids, lost.tolist()) if x]
+        warnings.warn(
+            f"the rows of examples {small[:10]}{' ...' if len(small) > 10 else ''} have nonzero entries "
+            f"that underflow to 0 in the storage dtype {dtype.value}; their scores lose those "
+            f"entries. Scale the loss up, or log with LoGraConfig(dtype={wider!r}).",
+            UserWarning,
+            stacklevel=5,  # this helper, append, and the two logger frames above: the user's call
+        )
+    return data, scales
 
 
 class StoreWriter:
@@ -146,7 +170,7 @@ class StoreWriter:
         self._pending_skipped: list[ExampleId] = []
         self._pending_scales: list[np.ndarray] = []
         self._lock: weakref.finalize | None = None
-        _check_process_count(self.root, rank, world_size)
+        check_process_count(self.root, rank, world_size)
         committed = self._open_or_create(Manifest(config, model_fingerprint, config.dtype, tuple(layers), (), None, ()))
         self._committed_ids: set[ExampleId] = set(committed.ids) | set(committed.skipped)
         numbers = [_number_of(SHARD_RE, s.file, rank) for s in self.manifest.shards]
@@ -161,90 +185,29 @@ class StoreWriter:
             if self.root.exists() and not self.root.is_dir():
                 raise StoreError(f"store path {self.root} exists and is not a directory; choose another path.")
             self.root.mkdir(parents=True, exist_ok=True)
-            self._acquire_lock()
+            self._lock = acquire_lock(self, self.root, self.rank)
             if (self.root / self.manifest_name).exists():
                 self.manifest = read_manifest(self.root, self.manifest_name)
-                self._check_same_header(fresh)
+                check_same_header(self.root, self.manifest, fresh)
             else:
                 self.manifest = fresh
                 write_manifest(self.root, fresh, self.manifest_name)
             committed = GradientStore(self.root, self.manifest)  # refuses a damaged store
-            self._remove_leftovers()
+            remove_leftovers(self.root, self.manifest, self.manifest_name, self.rank)
             return committed
         except BaseException as exc:
             self._release_lock()
             if isinstance(exc, OSError) and not isinstance(exc, LograError):
                 raise StoreError(
-                    f"cannot open the store at {self.root} for writing: {_describe(exc)}. Fix the cause (free space, "
-                    "permissions), then try again: a partly created store resumes."
+                    f"cannot open the store at {self.root} for writing: {describe_os_error(exc)}. Fix the cause "
+                    "(free space, permissions), then try again: a partly created store resumes."
                 ) from exc
             raise
-
-    def _acquire_lock(self) -> None:
-        """Hold an exclusive flock on `writer-RRR.lock` until close: one writer per rank and store."""
-        if fcntl is None:
-            return
-        path = self.root / f"writer-{self.rank:03d}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"another writer holds {path}: a process (or an open GradientLogger in this one) is already logging "
-                f"rank {self.rank} into {self.root}. Close it first: two writers would overwrite each other's shards."
-            ) from None
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in _NO_LOCKS:
-                raise
-            warnings.warn(
-                f"cannot lock {path} ({_describe(exc)}): this file system has no advisory locks, so make sure that "
-                f"only one process writes rank {self.rank} of the store.",
-                stacklevel=4,
-            )
-            return
-        self._lock = weakref.finalize(self, os.close, fd)  # released on close(), or when the writer is collected
 
     def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock()  # closing the descriptor drops the flock
             self._lock = None
-
-    def _check_same_header(self, fresh: Manifest) -> None:
-        old = self.manifest
-        problems = []
-        if old.config.fingerprint() != fresh.config.fingerprint():
-            new = fresh.config.to_dict()
-            diff = {k: (v, new[k]) for k, v in old.config.to_dict().items() if new[k] != v}
-            problems.append(f"the config differs (field: (stored, given)) {diff}")
-        if old.model_fingerprint != fresh.model_fingerprint:
-            problems.append("the model differs (different layers, shapes, dtypes or weights)")
-        if old.layers != fresh.layers:
-            problems.append("the layer table differs")
-        if problems:
-            raise StoreError(
-                f"cannot resume the store at {self.root}: {'; '.join(problems)}. Use the original config and model "
-                "to resume, or log into a new directory."
-            )
-
-    def _remove_leftovers(self) -> None:
-        """Delete this rank's files that the manifest does not name (an interrupted commit's)."""
-        named = (
-            {self.manifest_name} | {s.file for s in self.manifest.shards} | {s.ids_file for s in self.manifest.shards}
-        )
-        named |= {s.scales_file for s in self.manifest.shards if s.scales_file is not None}
-        if self.manifest.statistics is not None:
-            named.add(self.manifest.statistics[0])
-        mine = f"{self.rank:03d}"
-        for p in self.root.iterdir():
-            base = p.name[: -len(TMP_SUFFIX)] if p.name.endswith(TMP_SUFFIX) else p.name
-            if p.name != base and base == self.manifest_name:
-                p.unlink()
-                continue
-            ranks = {_rank_of(rx.fullmatch(base)) for rx in (SHARD_RE, IDS_RE, SCALES_RE, STATS_RE)}
-            if mine in ranks and p.name not in named:
-                p.unlink()
 
     @property
     def committed_ids(self) -> frozenset[ExampleId]:
@@ -271,26 +234,7 @@ class StoreWriter:
         tmp = self.root / (shard_file_names(self.rank, self._index)[0] + TMP_SUFFIX)
         with self._guard(f"writing {len(ids)} rows to {tmp.name}"):
             if ids:
-                data, scales = encode_rows(rows, self.dtype)
-                wider = _WIDER.get(self.dtype, "float64")
-                finite = encoded_finite(data, scales, self.dtype)
-                if not finite.all():
-                    bad = [i for i, ok in zip(ids, finite.tolist()) if not ok]
-                    raise StoreError(
-                        f"the rows of examples {bad[:10]} overflow the storage dtype {self.dtype.value} (their largest "
-                        f"|entry| is {rows.abs().max().item():.3g}); check the loss for divergence, or log into a "
-                        f"new store with LoGraConfig(dtype={wider!r})."
-                    )
-                lost = underflowed(rows, data, self.dtype)
-                if lost.any():
-                    small = [i for i, x in zip(ids, lost.tolist()) if x]
-                    warnings.warn(
-                        f"the rows of examples {small[:10]}{' ...' if len(small) > 10 else ''} have nonzero entries "
-                        f"that underflow to 0 in the storage dtype {self.dtype.value}; their scores lose those "
-                        f"entries. Scale the loss up, or log with LoGraConfig(dtype={wider!r}).",
-                        UserWarning,
-                        stacklevel=4,
-                    )
+                data, scales = _encode_checked(ids, rows, self.dtype)
                 if self._file is None:
                     self._file = open(tmp, "wb")
                     self._hash = hashlib.sha256()
@@ -416,37 +360,14 @@ class StoreWriter:
             yield
         except BaseException as exc:
             action = what if isinstance(what, str) else what[0]
-            self._failure = f"{action}: {_describe(exc) if isinstance(exc, OSError) else repr(exc)[:300]}"
+            self._failure = f"{action}: {describe_os_error(exc) if isinstance(exc, OSError) else repr(exc)[:300]}"
             with contextlib.suppress(OSError):
                 self.discard_pending()
             if isinstance(exc, OSError) and not isinstance(exc, LograError):
                 raise StoreError(
-                    f"cannot write the store at {self.root}: {action} failed with {_describe(exc)}. "
+                    f"cannot write the store at {self.root}: {action} failed with {describe_os_error(exc)}. "
                     "Every shard committed "
                     "before is intact and readable; free space (or fix the cause), then resume with a new "
                     "GradientLogger on the same store and config: committed ids are skipped."
                 ) from exc
             raise
-
-
-def _describe(exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno, "") if exc.errno is not None else ""
-    where = f" on {exc.filename}" if exc.filename else ""
-    return f"{name + ' ' if name else ''}({exc.strerror or exc}){where}"
-
-
-def _check_process_count(root: Path, rank: int, world_size: int) -> None:
-    """Refuse to mix single- and multi-process writers, which would delete each other's shards."""
-    ranked = sorted(p.name for p in root.glob("manifest-rank-*.json")) if root.is_dir() else []
-    if world_size == 1 and ranked:
-        raise StoreError(
-            f"the store at {root} was logged by several processes ({', '.join(ranked)}); resume it with the same "
-            "number of processes (GradientLogger(..., rank=r, world_size=W)), or log into a new directory."
-        )
-    if world_size > 1 and not (root / rank_manifest_name(rank)).exists() and (root / MANIFEST).exists():
-        prefix = f"shard-{rank:03d}-"
-        if any(s.file.startswith(prefix) for s in read_manifest(root).shards):
-            raise StoreError(
-                f"the store at {root} holds shards of rank {rank} but no {rank_manifest_name(rank)}: it was logged by "
-                "a single process. Resume it with one process, or log into a new directory."
-            )
