@@ -63,22 +63,26 @@ def _faiss() -> ModuleType:
     return faiss
 
 
-SQ8_MAX_BYTES = 2**32  # 4 GiB: above this, default_factory uses product-quantised codes. PQ is kept for
-# stores whose SQ8 codes would not fit in memory: at 1M x 1024 its harmful-direction recall@10 was 0.13-0.66
-# against SQ8's exact stage-two answers (benchmarks/scale.py), its helpful-direction recall 0.96-1.00.
+SQ8_MAX_BYTES = 2**32  # 4 GiB of 8-bit codes: above this, default_factory uses 6-bit codes
+SQ6_MAX_BYTES = 2**33  # 8 GiB of 6-bit codes (10M x 1024 takes 7.4 GiB): above this, product-quantised codes.
+# Measured at 10M x 1024 (benchmarks/scale.py, 1,024 lists, shortlist 100): SQ6 recalled 0.98 / 0.99 of the
+# helpful / harmful top-10 at nprobe 32; SQ4 0.86 / 0.62; PQ66 (256 lists) 0.87 / 0.02-0.09. On 200k rows SQ6
+# recalled what SQ8 did. PQ is kept only for stores whose 6-bit codes would not fit in memory.
 MAX_LISTS = 1024  # the add step costs N x lists x D multiply-adds (one coarse assignment per row)
+MIN_NPROBE = 8  # the default nprobe: a 32nd of the lists, at least this many (all of them when fewer)
 
 
 def default_factory(rows: int, dim: int) -> str:
-    """The FAISS factory string for `rows` rows of width `dim`: IVF over 8-bit or PQ codes.
+    """The FAISS factory string for `rows` rows of width `dim`: IVF over 8-bit, 6-bit or PQ codes.
 
     Lists: about 4·sqrt(N), at most one per 39 rows (FAISS's minimum training set) and at most
     MAX_LISTS: assigning every row to its list costs N x lists x width multiply-adds, at 10M x 1056
     1.1e13 with the cap instead of 1.3e14 at 4·sqrt(N) = 12,649 lists; searches stay cheap
     (nprobe x N / lists codes per query) and stage two re-scores exactly.
     Codes: 8-bit scalar (SQ8, one byte per column, half a bf16 store) while N x width fits in
-    SQ8_MAX_BYTES; above it, PQ with one 8-bit sub-quantizer per 16 columns (width / 16 bytes a
-    row: 10M x 1024 takes 0.66 GB instead of SQ8's 10.6 GB), of the residual to the list centre.
+    SQ8_MAX_BYTES; then 6-bit (SQ6, 3/4 of a byte per column) while those fit in SQ6_MAX_BYTES;
+    above that PQ with one 8-bit sub-quantizer per 16 columns (width / 16 bytes a row), whose
+    recall of the most harmful rows is poor (see SQ6_MAX_BYTES).
     """
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ConfigError(f"rows={rows!r} must be a positive int (the store's row count).")
@@ -88,7 +92,16 @@ def default_factory(rows: int, dim: int) -> str:
     width = _width(dim)
     if rows * width <= SQ8_MAX_BYTES:
         return f"IVF{lists},SQ8"
+    if rows * width * 3 // 4 <= SQ6_MAX_BYTES:
+        return f"IVF{lists},SQ6"
     return f"IVF{lists},PQ{width // 16}"  # width is a multiple of 32: whole 16-column blocks
+
+
+def default_nprobe(lists: int) -> int:
+    """Lists searched per query by default: a 32nd of them, at least MIN_NPROBE (or all, when fewer).
+    At 10M rows and 1,024 lists, 32 probes recalled 0.98-0.99 of the exact top-10 in 1/10 of the
+    exact streamed top-k's time (benchmarks/scale.py)."""
+    return min(lists, max(MIN_NPROBE, -(-lists // 32)))
 
 
 @dataclass(frozen=True)
@@ -169,35 +182,59 @@ class InfluenceIndex:
 
     # ------------------------------------------------------------ queries
 
-    def shortlist(self, query_rows: Queries, size: int, nprobe: int | None = None) -> tuple[Tensor, Tensor]:
+    def shortlist(
+        self, query_rows: Queries, size: int, nprobe: int | None = None, harmful_nprobe: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Stage one: row indices [Q, size] of the approximately largest and smallest scores.
 
+        nprobe: IVF lists searched per query for the largest scores; harmful_nprobe: for the
+        smallest (default: nprobe). None for both: the index's current setting.
         A slot FAISS could not fill (fewer rows in the probed lists) holds -1.
         """
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"shortlist size={size!r} must be a positive int.")
-        if nprobe is not None:
-            if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
-                raise ConfigError(f"nprobe={nprobe!r} must be a positive int (IVF lists searched per query).")
-            ivf = _ivf(self._faiss, self.index)
-            if ivf is None:
-                raise ConfigError(f"nprobe={nprobe} applies to IVF indexes; {self.info.factory!r} has none: pass None.")
-            ivf.nprobe = nprobe
+        probes = [self._check_nprobe(n, name) for n, name in ((nprobe, "nprobe"), (harmful_nprobe, "harmful_nprobe"))]
+        ivf = _ivf(self._faiss, self.index)
         query = self.scorer.checked_queries(query_rows).to(torch.float32)  # (Q, D) raw rows g_q
         size = min(size, len(self.scorer.store))
         zero = torch.zeros(query.shape[0], _width(query.shape[1]) - query.shape[1])
-        _, helpful = self.index.search(np.ascontiguousarray(torch.cat([query, zero], dim=1).numpy()), size)
-        _, harmful = self.index.search(np.ascontiguousarray(torch.cat([-query, zero], dim=1).numpy()), size)
-        return torch.from_numpy(helpful).long(), torch.from_numpy(harmful).long()
+        helpful_probe = probes[0] if probes[0] is not None else (ivf.nprobe if ivf is not None else None)
+        found = []
+        for sign, probe in ((-1.0, probes[1] or helpful_probe), (1.0, helpful_probe)):  # nprobe stays set
+            if probe is not None:
+                ivf.nprobe = probe
+            _, rows = self.index.search(np.ascontiguousarray(torch.cat([sign * query, zero], dim=1).numpy()), size)
+            found.append(torch.from_numpy(rows).long())
+        return found[1], found[0]
+
+    def _check_nprobe(self, nprobe: int | None, name: str) -> int | None:
+        if nprobe is None:
+            return None
+        if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
+            raise ConfigError(f"{name}={nprobe!r} must be a positive int (IVF lists searched per query).")
+        if _ivf(self._faiss, self.index) is None:
+            raise ConfigError(f"{name}={nprobe} applies to IVF indexes; {self.info.factory!r} has none: pass None.")
+        return nprobe
 
     def top_k(
-        self, query_rows: Queries, k: int = 10, *, shortlist: int | None = None, nprobe: int | None = None
+        self,
+        query_rows: Queries,
+        k: int = 10,
+        *,
+        shortlist: int | None = None,
+        nprobe: int | None = None,
+        harmful_nprobe: int | None = None,
     ) -> TopK:
         """Two-stage top-k: the shortlists of stage one (`shortlist` rows per query and direction,
         default 10·k) are scored exactly, over their union; the best k of those are returned.
 
-        nprobe: IVF lists searched per query (default: an eighth of the lists, at least one;
-            ignored by non-IVF factories); more is slower and closer to exact.
+        nprobe: IVF lists searched per query (default: `default_nprobe`, a 32nd of the lists, at least 8);
+            more is slower and closer to exact.
+        harmful_nprobe: lists searched for the most harmful rows (default: nprobe). Both are
+            ignored by non-IVF factories. The most
+            negative scores lie farther from the query than the largest, spread over more lists:
+            at 10M rows (benchmarks/scale.py) the helpful top-10 lay in 2 of 1,024 lists, the
+            harmful top-10 needed 15 for 0.95 of it.
         Raises ConfigError when the shortlists hold fewer than k rows.
         """
         n = len(self.scorer.store)
@@ -205,8 +242,10 @@ class InfluenceIndex:
             raise ConfigError(f"k={k!r} must be an int between 1 and the store's {n} rows.")
         ivf = _ivf(self._faiss, self.index)
         if ivf is not None and nprobe is None:
-            nprobe = max(1, -(-ivf.nlist // 8))
-        helpful, harmful = self.shortlist(query_rows, shortlist or 10 * k, nprobe if ivf is not None else None)
+            nprobe = default_nprobe(ivf.nlist)
+        if ivf is None:
+            nprobe = harmful_nprobe = None
+        helpful, harmful = self.shortlist(query_rows, shortlist or 10 * k, nprobe, harmful_nprobe)
         candidates = torch.unique(torch.cat([helpful.flatten(), harmful.flatten()]))
         candidates = candidates[candidates >= 0]
         if candidates.numel() < k:

@@ -232,8 +232,8 @@ class FullRerank:
             top = scores.masked_fill(~member, fill).topk(k, dim=1, largest=largest, sorted=True)
             out.append((top.values, rows[top.indices]))
         (hv, hi), (lv, li) = out
-        ids = self.store.ids
-        helpful, harmful = ([[ids[j] for j in r] for r in x.tolist()] for x in (hi, li))
+        store_ids = self.store.ids
+        helpful, harmful = ([[store_ids[j] for j in r] for r in x.tolist()] for x in (hi, li))
         return TopK(helpful, hv, harmful, lv, hi, li)
 
     def score(self, queries: Batch | Record | QueryRows, ids: IdsLike) -> Tensor:

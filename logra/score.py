@@ -350,8 +350,21 @@ class Scorer:
         return out
 
     def _self_influence(self, chunk: Tensor) -> Tensor:
-        x = self._decoded(chunk)
-        return (self._chunk_pre.apply(x) * x).sum(dim=1)
+        """g_iᵀ H⁻¹ g_i of the chunk's rows [n]. On the CPU _BLOCK_ROWS rows at a time (upcast into
+        `_block`), so its temporaries stay a few MiB whatever the chunk: whole 4096 x 1024 chunks kept
+        3-6 temporaries of 16 MiB alive (32-103 MiB measured at 1M rows, from one run to the next)."""
+        if chunk.device.type != "cpu":
+            x = self._decoded(chunk)
+            return (self._chunk_pre.apply(x) * x).sum(dim=1)
+        out = torch.empty(chunk.shape[0], dtype=self.compute_dtype)
+        for i in range(0, chunk.shape[0], _BLOCK_ROWS):
+            rows = chunk[i : i + _BLOCK_ROWS]
+            if rows.dtype != self.compute_dtype:
+                if self._block is None:
+                    self._block = torch.empty(_BLOCK_ROWS, chunk.shape[1], dtype=self.compute_dtype)
+                rows = self._block[: rows.shape[0]].copy_(rows)
+            out[i : i + rows.shape[0]] = (self._chunk_pre.apply(rows) * rows).sum(dim=1)
+        return out
 
     @staticmethod
     def _normalize(scores: Tensor, row_scale: Tensor | None, col_scale: Tensor | None) -> Tensor:

@@ -166,14 +166,18 @@ def test_exhaustive_index_gives_the_exact_top_k(store: logra.GradientStore, tmp_
 
 
 def test_default_factory_compresses_large_stores() -> None:
-    """8-bit codes while they fit SQ8_MAX_BYTES, then PQ (width/16 bytes a row); lists capped."""
-    from logra.index import MAX_LISTS, SQ8_MAX_BYTES, default_factory
+    """8-bit codes while they fit SQ8_MAX_BYTES, 6-bit while those fit SQ6_MAX_BYTES, then PQ; lists capped."""
+    from logra.index import MAX_LISTS, SQ6_MAX_BYTES, SQ8_MAX_BYTES, default_factory, default_nprobe
 
     assert default_factory(3000, D) == "IVF76,SQ8"  # 4·sqrt(3000) = 219 > 3000 // 39 = 76
     assert default_factory(100_000, 1024) == "IVF1024,SQ8"  # 4·sqrt(N) = 1264, capped
-    assert default_factory(10_000_000, 1024) == f"IVF{MAX_LISTS},PQ66"  # 1056 columns / 16
+    assert default_factory(10_000_000, 1024) == f"IVF{MAX_LISTS},SQ6"  # 7.9 GB of 6-bit codes
+    assert default_factory(20_000_000, 1024) == f"IVF{MAX_LISTS},PQ66"  # 1056 columns / 16
     edge = SQ8_MAX_BYTES // 1056
-    assert default_factory(edge, 1024).endswith(",SQ8") and default_factory(edge + 1, 1024).endswith(",PQ66")
+    assert default_factory(edge, 1024).endswith(",SQ8") and default_factory(edge + 1, 1024).endswith(",SQ6")
+    edge = SQ6_MAX_BYTES * 4 // 3 // 1056
+    assert default_factory(edge, 1024).endswith(",SQ6") and default_factory(edge + 1, 1024).endswith(",PQ66")
+    assert [default_nprobe(n) for n in (1, 5, 76, 256, 1024, 4096)] == [1, 5, 8, 8, 32, 128]
     with pytest.raises(logra.ConfigError, match="rows=0"):
         default_factory(0, 1024)
 
@@ -192,3 +196,17 @@ def test_pq_index_recalls_with_a_larger_shortlist(store: logra.GradientStore, tm
     with pytest.warns(UserWarning):
         full = scorer.score(queries)
     torch.testing.assert_close(two.helpful_scores, full.gather(1, two.helpful_rows), rtol=1e-5, atol=1e-5)
+
+
+def test_harmful_nprobe_searches_the_harmful_direction_only(store: logra.GradientStore, tmp_path: Path) -> None:
+    """harmful_nprobe changes the harmful shortlist and leaves the helpful one as nprobe gives it."""
+    index = InfluenceIndex(_scorer(store, "dot"), factory="IVF64,Flat", directory=tmp_path, threads=1)
+    queries = _clustered(8, seed=5).to(torch.float32)
+    with pytest.warns(UserWarning):
+        one_helpful, one_harmful = index.shortlist(queries, 50, nprobe=1)
+        helpful, harmful = index.shortlist(queries, 50, nprobe=1, harmful_nprobe=64)
+        every_helpful, every_harmful = index.shortlist(queries, 50, nprobe=64)
+    assert torch.equal(helpful, one_helpful) and torch.equal(harmful, every_harmful)
+    assert not torch.equal(one_harmful, every_harmful)  # one probe misses: the knob is not a no-op
+    with pytest.raises(logra.ConfigError, match="harmful_nprobe"):
+        index.top_k(queries, k=5, harmful_nprobe=0)

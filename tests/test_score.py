@@ -65,6 +65,22 @@ def test_self_influence_is_the_diagonal_of_pairwise_scores(mlp: Logged, method: 
     assert bool((scorer.self_influence() > 0).all())
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_self_influence_in_row_blocks_equals_whole_chunks(
+    mlp: Logged, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """On the CPU self-influence runs _BLOCK_ROWS rows at a time: blocks of 7 (partial ones too),
+    chunks of 10, give the dense reference's diagonal, for every preconditioner."""
+    import logra.score as score_module
+
+    pre = fit_preconditioner(mlp.store, method)
+    expected = torch.diagonal(Scorer(mlp.store, pre).score(mlp.store))
+    monkeypatch.setattr(score_module, "_BLOCK_ROWS", 7)
+    blocked = Scorer(mlp.store, pre, chunk_rows=10)
+    torch.testing.assert_close(blocked.self_influence(), expected, rtol=1e-12, atol=1e-14)
+    assert len(mlp.store) > 10  # several chunks, each of several blocks
+
+
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize("method", METHODS)
 def test_per_layer_scores_sum_to_the_total(mlp: Logged, method: str, normalization: str) -> None:

@@ -11,11 +11,13 @@ shards are raw arrays.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +29,7 @@ from logra.config import LoGraConfig, StorageDtype
 from logra.errors import ConfigError, StoreCorruptedError, StoreError
 from logra.store.encoding import NUMPY_DTYPES, decode_rows, output_dtype
 from logra.store.files import read_regular, sha256_file
+from logra.store.ids import ExampleIds
 from logra.store.manifest import MANIFEST, Manifest, ShardInfo, load_manifest, parse_ids_file, read_manifest_bytes
 from logra.store.statistics import parse_statistics
 from logra.types import ExampleId, KroneckerStatistics, LayerInfo
@@ -120,7 +123,7 @@ class GradientStore:
     """Read-only snapshot of a committed store. Shards are memory-mapped on demand, never loaded whole.
 
     Attributes:
-        ids: the N example ids in row order.  layers: the layer table.  dim: D.
+        ids: the N example ids in row order (`ExampleIds`, a compact sequence).  layers: the layer table.  dim: D.
         config: the LoGraConfig the rows were logged with.  dtype: the storage dtype.
         skipped: ids logged but dropped for NaN/Inf (`nonfinite="skip"`).
 
@@ -140,13 +143,13 @@ class GradientStore:
         self.dim = manifest.dim
         self.dtype = manifest.dtype
         self.skipped: tuple[ExampleId, ...] = manifest.skipped
-        self.ids: list[ExampleId] = []
+        self.ids = ExampleIds()
         self._scales: list[np.ndarray | None] = []
         for shard in manifest.shards:
             _check_shard_size(self.root, shard, self.dim, self.dtype)
-            self.ids.extend(read_shard_ids(self.root, shard))
+            self.ids.append(read_shard_ids(self.root, shard))
             self._scales.append(_read_scales(self.root, shard) if self.dtype is StorageDtype.FLOAT16 else None)
-        if len(set(self.ids) | set(self.skipped)) != len(self.ids) + len(self.skipped):
+        if self.ids.has_duplicates(self.skipped):
             raise StoreCorruptedError(
                 f"{self.root}: the same example id appears in two rows (or both as a row and as skipped); "
                 "the store was assembled wrongly. Re-log it."
@@ -259,21 +262,51 @@ class GradientStore:
         return torch.cat(parts) if parts else torch.zeros(0, self.dim, dtype=output_dtype(self.dtype))
 
     def take(self, rows: Sequence[int] | Tensor) -> Tensor:
-        """The rows at the given row indices, in that order: (m, D), copied (one map per shard)."""
+        """The rows at the given row indices, in that order: (m, D), copied.
+
+        Each distinct row is read once, in shard and offset order, with `pread` of just its bytes
+        (the files are opened with POSIX_FADV_RANDOM, so the kernel reads no neighbours around
+        them) from up to _TAKE_THREADS threads, which keep several reads in flight on the disk.
+        """
         index = torch.as_tensor(rows, dtype=torch.long).flatten()
         if index.numel() and not (0 <= int(index.min()) and int(index.max()) < len(self)):
             raise StoreError(f"row indices must lie in [0, {len(self)}), got {int(index.min())}..{int(index.max())}.")
-        out = torch.empty(index.numel(), self.dim, dtype=output_dtype(self.dtype))
-        shard_of = np.searchsorted(self._starts, index.numpy(), side="right") - 1
-        for s in np.unique(shard_of).tolist():
-            where = np.flatnonzero(shard_of == s)
-            local = index.numpy()[where] - int(self._starts[s])
-            array = self._map(s)
-            scales = self._scales[s]
-            out[torch.from_numpy(where)] = decode_rows(
-                np.ascontiguousarray(array[local]), self.dtype, None if scales is None else scales[local]
-            )
-        return out
+        unique, inverse = np.unique(index.numpy(), return_inverse=True)  # sorted: by shard, then offset
+        raw = np.empty((unique.size, self.dim), dtype=NUMPY_DTYPES[self.dtype])
+        shard_of = np.searchsorted(self._starts, unique, side="right") - 1
+        cuts = np.searchsorted(shard_of, np.arange(len(self.manifest.shards) + 1))  # shard s: unique[cuts[s]:cuts[s+1]]
+        parts = []
+        with contextlib.ExitStack() as files:
+            reads: list[tuple[int, np.ndarray, int]] = []
+            for s in np.flatnonzero(np.diff(cuts)).tolist():
+                a, b = int(cuts[s]), int(cuts[s + 1])
+                local = unique[a:b] - int(self._starts[s])
+                reads += _runs(files.enter_context(self._random_reader(s)), local, raw[a:b], self.dim * raw.itemsize)
+                scales = self._scales[s]
+                parts.append((a, b, None if scales is None else scales[local]))
+            _read_all(reads)
+        if not parts:
+            return torch.empty(0, self.dim, dtype=output_dtype(self.dtype))
+        if self.dtype is StorageDtype.FLOAT16:  # rescaled per row, with each shard's scales
+            decoded = torch.cat([decode_rows(raw[a:b], self.dtype, scales) for a, b, scales in parts])
+        else:
+            decoded = decode_rows(raw, self.dtype, None)  # a view of `raw`
+        return decoded[torch.from_numpy(inverse).flatten()]
+
+    @contextlib.contextmanager
+    def _random_reader(self, index: int) -> Iterator[int]:
+        """A file descriptor of shard `index` opened for random reads (no read-ahead), closed on exit."""
+        path = self.root / self.manifest.shards[index].file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise StoreCorruptedError(f"{path}: cannot be opened ({exc.strerror}); removed after open?") from None
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            yield fd
+        finally:
+            os.close(fd)
 
     def layer_rows(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
         """One layer's columns of rows [start, stop): (n, k_out * k_in)."""
@@ -317,6 +350,40 @@ class GradientStore:
         except StoreError:
             return False
         return current.statistics != self.manifest.statistics
+
+
+_TAKE_THREADS = 16  # reads in flight in `take`: a disk serves random reads faster with a queue
+
+
+def _runs(fd: int, local: np.ndarray, out: np.ndarray, row_bytes: int) -> list[tuple[int, np.ndarray, int]]:
+    """(fd, rows of `out`, byte offset) per run of consecutive rows in the sorted `local` [m]."""
+    breaks = np.flatnonzero(np.diff(local) != 1) + 1
+    starts, stops = np.concatenate([[0], breaks]), np.concatenate([breaks, [local.size]])
+    return [(fd, out[a:b], int(local[a]) * row_bytes) for a, b in zip(starts.tolist(), stops.tolist())]
+
+
+def _read_all(reads: list[tuple[int, np.ndarray, int]]) -> None:
+    """preadv each (fd, buffer, offset) fully, from up to _TAKE_THREADS threads (the reads release the GIL)."""
+
+    def run(batch: list[tuple[int, np.ndarray, int]]) -> None:
+        for fd, buffer, offset in batch:
+            view = buffer.data.cast("B")
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise StoreCorruptedError(
+                        f"a shard ended at byte {offset + done}, before the rows the manifest names; it was "
+                        "truncated after open. Restore it or re-log the store."
+                    )
+                done += n
+
+    threads = min(_TAKE_THREADS, len(reads))
+    if threads <= 1:
+        run(reads)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, [reads[i::threads] for i in range(threads)]))
 
 
 def _advise(array: np.ndarray, advice: str, offset: int, length: int) -> None:
