@@ -69,8 +69,9 @@ def build(name: str):  # noqa: ANN201 - benchmark helper
 def per_example_loss(model, ids):  # noqa: ANN001, ANN201
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids).logits
-    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    logits = model(input_ids=ids).logits[:, :-1]  # vocabulary last: see bench_common.lm_loss
+    B, T, V = logits.shape
+    loss = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none").view(B, T)
     return loss.sum(dim=1)  # (B,)
 
 

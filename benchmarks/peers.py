@@ -73,7 +73,8 @@ class Workload:
                 labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
         if self.kind == "classifier":
             return F.cross_entropy(logits, labels, reduction="none")
-        return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(dim=1)
+        B, T, V = logits.shape  # vocabulary last, as bench_common.lm_loss (its docstring says why)
+        return F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none").view(B, T).sum(dim=1)
 
 
 # ------------------------------------------------------------------------------------ logra

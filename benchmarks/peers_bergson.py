@@ -169,14 +169,37 @@ def _run(run: BergsonRun, collector: Any, data: Any, batches: list[list[int]], c
     computer.run_with_collector_hooks(desc="bench")
 
 
-def bergson_build(run: BergsonRun, k: int) -> None:
-    """`bergson build`: the projected per-example gradients of the training set into an on-disk index."""
-    from bergson import collect_gradients
+def bergson_index(run: BergsonRun, k: int) -> tuple[Any, Any]:
+    """(IndexConfig, GradientProcessor) of a `bergson build` at projection k, the processor holding every
+    logged layer's two projection matrices already: Bergson draws them on first use, inside its first
+    batch, and caches them in the processor (`HookCollectorBase.projection`, called here as its hooks
+    call it: right k x in, left k x out, the layer's device and dtype). Drawing them here makes them
+    setup, as logra's are (`GradientLogger.__init__`), instead of part of the timed pass."""
+    from bergson.collector.collector import HookCollectorBase
+    from bergson.gradients import LayerAdapter
     from bergson.utils.worker_utils import processor_for
 
     cfg = _cfg(run, "index", k)
     processor = processor_for(cfg)
     processor.save(cfg.partial_run_path)
+    if processor.projection_dim:
+        owner = SimpleNamespace(processor=processor)  # `projection` reads nothing else of its collector
+        base = run.model.base_model
+        for name in sorted(run.targets):
+            layer = base.get_submodule(name)
+            n_in, n_out = getattr(layer, LayerAdapter.in_attr(layer)), getattr(layer, LayerAdapter.out_attr(layer))
+            weight = layer.weight
+            HookCollectorBase.projection(owner, name, k, n_in, "right", weight.device, weight.dtype)  # type: ignore[arg-type]
+            HookCollectorBase.projection(owner, name, k, n_out, "left", weight.device, weight.dtype)  # type: ignore[arg-type]
+    return cfg, processor
+
+
+def bergson_build(run: BergsonRun, k: int, index: tuple[Any, Any] | None = None) -> None:
+    """`bergson build`: the projected per-example gradients of the training set into an on-disk index
+    (`index`: from `bergson_index`, made beforehand; else made here)."""
+    from bergson import collect_gradients
+
+    cfg, processor = index if index is not None else bergson_index(run, k)
     collect_gradients(run.model, run.train, processor, cfg, batches=run.train_batches, target_modules=run.targets)
 
 

@@ -8,12 +8,13 @@ allocator, peak memory in a second process with the strict one (`bench_common.ru
 The `floor` row is a forward+backward that computes activation gradients only: the least any
 per-example logging pass must do. Setup that happens once per run (logra drawing its
 projections and opening the store, LogIX wrapping the layers in LoRA modules, TRAK building its
-projector, Bergson copying and freezing the model and turning the batches into a `datasets.Dataset`)
-is not timed; writing the rows to disk is. Bergson's `build` pass collects no statistics: its
-`kfac` rows add its KFAC covariance pass over the same batches (the statistics logra collects in
-its one pass). Peak memory is the process's VmHWM during
-each loop (absolute, MiB), and storage is the bytes the tool left on disk divided by the number
-of examples.
+projector, Bergson copying and freezing the model, turning the batches into a `datasets.Dataset` and
+drawing its projections) is not timed; writing the rows to disk is. Every pass, the bare one too,
+takes the loss as `bench_common.lm_loss` does (vocabulary last), the form Bergson's own loop uses.
+Bergson's `build` pass collects no statistics: its `kfac` rows add its KFAC covariance pass over
+the same batches (the statistics logra collects in its one pass). Peak memory is the process's
+VmHWM during each loop (absolute, MiB), and storage is the bytes the tool left on disk divided by
+the number of examples.
 
     .venv/bin/python benchmarks/throughput.py                   # logra only (make bench)
     .venv-peers/bin/python benchmarks/throughput.py --peers     # with LogIX, TRAK, Bergson (make bench-peers)
@@ -31,7 +32,7 @@ from typing import Any
 import bench_common as common
 from bench_common import floor_pass
 from peers import Workload, fresh, logix_log, logix_setup, logra_config, logra_run, trak_featurize
-from peers_bergson import bergson_build, bergson_covariance, bergson_setup
+from peers_bergson import bergson_build, bergson_covariance, bergson_index, bergson_setup
 
 from logra import GradientLogger
 
@@ -82,11 +83,13 @@ def tool_pass(spec: dict[str, Any], w: Workload, root: str) -> tuple[Any, Any]:
         return setup_trak, (lambda copy: trak_featurize(copy, dim, tempfile.mkdtemp(dir=root)))
     if spec["tool"] == "bergson":
 
-        def setup_bergson() -> Any:
-            return bergson_setup(w, tempfile.mkdtemp(dir=root))
+        def setup_bergson() -> tuple[Any, Any]:  # its run and its index config, projections drawn
+            run = bergson_setup(w, tempfile.mkdtemp(dir=root))
+            return run, bergson_index(run, spec["k"])
 
-        def run_bergson(run: Any) -> None:
-            bergson_build(run, spec["k"])
+        def run_bergson(state: tuple[Any, Any]) -> None:
+            run, index = state
+            bergson_build(run, spec["k"], index)
             if spec["hessian"] == "kfac":
                 bergson_covariance(run)
 

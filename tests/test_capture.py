@@ -376,3 +376,23 @@ def test_nonfinite_gradient_raises_or_skips() -> None:
             per_example_loss(model, batch).sum().backward()
     assert rec.ids == [0, 2] and rec.skipped == [1] and torch.isfinite(rec.rows).all()
     assert issubclass(logra.NonFiniteGradientError, LograError)
+
+
+def test_nonfinite_and_zero_rows_are_told_apart() -> None:
+    """One batch with a NaN example, an Inf example and an example masked out entirely: the first two
+    are skipped, only the third is warned about as all zero, and the kept rows are the others'."""
+    model = build_model("mlp")
+    batch, mask = _batch(5)
+    batch["x"][1, 0, 0] = float("nan")
+    batch["x"][3, 0, 0] = float("inf")
+    mask[2] = 0
+    clean = {k: torch.cat([v[:1], v[4:]]) for k, v in batch.items()}
+    with logra.GradientLogger(model, logra.LoGraConfig(k_in=3, k_out=3, nonfinite="skip")) as logger:
+        with pytest.warns(UserWarning, match=r"examples \[2\] are all zero"):
+            with logger.record(ids=[0, 1, 2, 3, 4], mask=mask) as rec:
+                per_example_loss(model, batch).sum().backward()
+        with logger.record(ids=[5, 6], mask=torch.cat([mask[:1], mask[4:]])) as ref:
+            per_example_loss(model, clean).sum().backward()
+    assert rec.ids == [0, 2, 4] and rec.skipped == [1, 3]
+    assert torch.equal(rec.rows[1], torch.zeros_like(rec.rows[1]))
+    torch.testing.assert_close(rec.rows[[0, 2]], ref.rows, rtol=1e-5, atol=1e-6)
