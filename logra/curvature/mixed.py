@@ -54,7 +54,9 @@ def mixing_weight(train: list[Tensor], query: list[Tensor], fraction: float = DO
     """λ with λ σ_query[t] = (1 - λ) σ_train[t] at t = round(fraction x the pooled count) (§A.1.3).
 
     train, query: per-layer eigenvalues (any shapes, equal totals), pooled and sorted separately.
-    Returns λ in [0, 1]; when both t-th eigenvalues are 0, 0.5.
+    Returns λ in [0, 1]; when both t-th eigenvalues are 0, 0.5. Raises ConfigError when only the
+    query's is (numerically) 0, i.e. the query curvature's rank is below t + 1: λ would be 1 and the
+    training curvature unused.
     """
     if not 0 < fraction <= 1:
         raise ConfigError(f"fraction={fraction!r} must be in (0, 1].")
@@ -63,6 +65,15 @@ def mixing_weight(train: list[Tensor], query: list[Tensor], fraction: float = DO
     if a.numel() != b.numel() or a.numel() == 0:
         raise ConfigError(f"train and query curvatures have {a.numel()} and {b.numel()} eigenvalues; they must agree.")
     t = min(a.numel(), max(1, round(fraction * a.numel()))) - 1
+    tol = float(b[0]) * b.numel() * torch.finfo(torch.float64).eps  # numerical rank, as matrix_rank's
+    if b[t] <= tol and a[t] > 0:  # λ would be 1: R_train dropped, R_query (rank < t) and damping alone
+        rank = int((b > tol).sum())
+        raise ConfigError(
+            f"the query curvature has {rank} non-zero eigenvalues of {b.numel()}, fewer than the {t + 1} the "
+            f"automatic mix compares (fraction={fraction:g}), so λ would be 1 and the training curvature would be "
+            "ignored; with raw curvature each query adds at most one eigenvalue per layer. Pass mix= (CLI: --mix), "
+            "use more queries, or use method kfac/ekfac, whose query factors are measured per token."
+        )
     total = float(a[t] + b[t])
     return 0.5 if total == 0 else float(a[t]) / total
 
