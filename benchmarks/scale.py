@@ -65,7 +65,7 @@ import torch
 import logra
 from logra.config import StorageDtype
 from logra.index import InfluenceIndex, default_factory
-from logra.store import StoreWriter, reader
+from logra.store import StoreWriter, gather
 from logra.types import LayerInfo
 
 CENTRES = 256
@@ -391,13 +391,13 @@ def part_take(root: str, args: argparse.Namespace) -> dict[str, object]:
         out[f"take_{m}_same"] = bool(torch.equal(new, old))
         out[f"take_{m}_rows_per_s"] = m / out[f"take_{m}_s"]  # type: ignore[operator]
     rows = torch.randint(0, len(store), (args.take_rows[0],), generator=gen)
-    for threads in args.take_threads:  # reads in flight (the reader's _TAKE_THREADS)
-        reader._TAKE_THREADS, default = threads, reader._TAKE_THREADS
+    for threads in args.take_threads:  # reads in flight (gather.TAKE_THREADS)
+        gather.TAKE_THREADS, default = threads, gather.TAKE_THREADS
         _evict(store)
         t = time.perf_counter()
         store.take(rows)
         out[f"take_{rows.numel()}_threads_{threads}_s"] = time.perf_counter() - t
-        reader._TAKE_THREADS = default
+        gather.TAKE_THREADS = default
     return out
 
 

@@ -224,11 +224,14 @@ def reference_rows(
     layers: Sequence[Any],
     projection: Callable[[str], tuple[Tensor, Tensor]] | None,
     include_bias: bool = False,
+    divisors: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """(N, D) rows P_out (∂L_i/∂W) P_inᵀ flattened per layer, from a batch-size-1 autograd loop.
 
     `layers` is the logger's layer table (name, offset, ...); `projection(name)` gives (P_in, P_out).
     With `projection=None` the rows are the unprojected gradients (for identity at full size).
+    `divisors[name]` (n_out x n_in, bias column included) divides a layer's gradient elementwise
+    before it is projected (the optimizer correction's reference).
     """
     names = [layer.name for layer in layers]
     rows = []
@@ -236,7 +239,7 @@ def reference_rows(
         grads = example_gradients(model, example, names, include_bias)
         parts = []
         for name in names:
-            g = grads[name]
+            g = grads[name] if divisors is None else grads[name] / divisors[name]
             if projection is not None:
                 p_in, p_out = projection(name)
                 g = p_out @ g @ p_in.T

@@ -53,22 +53,29 @@ def _recall(found: torch.Tensor, exact: torch.Tensor) -> float:
     return sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), exact.tolist())) / exact.numel()
 
 
-@pytest.mark.parametrize("normalization", ["dot", "cosine", "relative"])
-def test_two_stage_recall_and_exact_scores(store: logra.GradientStore, normalization: str) -> None:
-    scorer = _scorer(store, normalization)
+def _two_stage_against_exact(
+    scorer: logra.Scorer, index: InfluenceIndex, *, shortlist: int, nprobe: int
+) -> logra.TopK:
+    """The index's top-10 of the clustered queries: recall >= 0.95 of the exact top-10 in both
+    directions, and stage two exact (every returned score is the Scorer's score of that row)."""
     queries = _clustered(8, seed=5).to(torch.float32)
     with pytest.warns(UserWarning, match="bare query rows"):
         exact = scorer.top_k(queries, k=10)
-    index = InfluenceIndex(scorer, threads=1)
     with pytest.warns(UserWarning, match="bare query rows"):
-        two = index.top_k(queries, k=10, shortlist=100, nprobe=16)
+        two = index.top_k(queries, k=10, shortlist=shortlist, nprobe=nprobe)
     assert _recall(two.helpful_rows, exact.helpful_rows) >= 0.95
     assert _recall(two.harmful_rows, exact.harmful_rows) >= 0.95
-    # Stage two is exact: every returned score is the Scorer's score of that row.
     with pytest.warns(UserWarning):
         full = scorer.score(queries)
     torch.testing.assert_close(two.helpful_scores, full.gather(1, two.helpful_rows), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two.harmful_scores, full.gather(1, two.harmful_rows), rtol=1e-5, atol=1e-5)
+    return two
+
+
+@pytest.mark.parametrize("normalization", ["dot", "cosine", "relative"])
+def test_two_stage_recall_and_exact_scores(store: logra.GradientStore, normalization: str) -> None:
+    scorer = _scorer(store, normalization)
+    two = _two_stage_against_exact(scorer, InfluenceIndex(scorer, threads=1), shortlist=100, nprobe=16)
     assert two.helpful_ids[0][0] == store.ids[int(two.helpful_rows[0, 0])]
 
 
@@ -185,17 +192,8 @@ def test_default_factory_compresses_large_stores() -> None:
 def test_pq_index_recalls_with_a_larger_shortlist(store: logra.GradientStore, tmp_path: Path) -> None:
     """The large-store default (IVF + PQ, width/16 sub-quantizers) through stage two: exact scores, high recall."""
     scorer = _scorer(store, "dot")
-    queries = _clustered(8, seed=5).to(torch.float32)
-    with pytest.warns(UserWarning):
-        exact = scorer.top_k(queries, k=10)
     index = InfluenceIndex(scorer, factory="IVF16,PQ4", directory=tmp_path, threads=1)
-    with pytest.warns(UserWarning):
-        two = index.top_k(queries, k=10, shortlist=300, nprobe=8)
-    assert _recall(two.helpful_rows, exact.helpful_rows) >= 0.95
-    assert _recall(two.harmful_rows, exact.harmful_rows) >= 0.95
-    with pytest.warns(UserWarning):
-        full = scorer.score(queries)
-    torch.testing.assert_close(two.helpful_scores, full.gather(1, two.helpful_rows), rtol=1e-5, atol=1e-5)
+    _two_stage_against_exact(scorer, index, shortlist=300, nprobe=8)
 
 
 def test_harmful_nprobe_searches_the_harmful_direction_only(store: logra.GradientStore, tmp_path: Path) -> None:

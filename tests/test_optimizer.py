@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import build_model, collate, example_gradients, log_rows, make_examples, per_example_loss
+from models import build_model, collate, log_rows, make_examples, per_example_loss, reference_rows
 from torch import Tensor, nn
 
 import logra
@@ -68,18 +68,9 @@ def corrected_reference(
         v = v.double() + EPS
         r, c = v.sum(1), v.sum(0)
         divisors[layer.name] = (torch.outer(r, c) / r.sum()) ** power
-    rows = []
-    for example in examples:
-        grads = example_gradients(model, example, [layer.name for layer in layers], include_bias)
-        parts = []
-        for layer in layers:
-            g = grads[layer.name] / divisors[layer.name]
-            if projection is not None:
-                p_in, p_out = projection(layer)
-                g = p_out @ g @ p_in.T
-            parts.append(g.reshape(-1))
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
+    by_name = {layer.name: layer for layer in layers}
+    project = None if projection is None else (lambda name: projection(by_name[name]))
+    return reference_rows(model, examples, layers, project, include_bias, divisors=divisors)
 
 
 def assert_close(actual: Tensor, expected: Tensor, rel: float = 1e-9) -> None:

@@ -17,7 +17,6 @@ import mmap
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,6 +28,7 @@ from logra.config import LoGraConfig, StorageDtype
 from logra.errors import ConfigError, StoreCorruptedError, StoreError
 from logra.store.encoding import NUMPY_DTYPES, decode_rows, output_dtype
 from logra.store.files import read_regular, sha256_file
+from logra.store.gather import random_reader, read_all, runs
 from logra.store.ids import ExampleIds
 from logra.store.manifest import MANIFEST, Manifest, ShardInfo, load_manifest, parse_ids_file, read_manifest_bytes
 from logra.store.statistics import parse_statistics
@@ -266,7 +266,7 @@ class GradientStore:
 
         Each distinct row is read once, in shard and offset order, with `pread` of just its bytes
         (the files are opened with POSIX_FADV_RANDOM, so the kernel reads no neighbours around
-        them) from up to _TAKE_THREADS threads, which keep several reads in flight on the disk.
+        them) from up to `gather.TAKE_THREADS` threads, which keep several reads in flight on the disk.
         """
         index = torch.as_tensor(rows, dtype=torch.long).flatten()
         if index.numel() and not (0 <= int(index.min()) and int(index.max()) < len(self)):
@@ -281,10 +281,11 @@ class GradientStore:
             for s in np.flatnonzero(np.diff(cuts)).tolist():
                 a, b = int(cuts[s]), int(cuts[s + 1])
                 local = unique[a:b] - int(self._starts[s])
-                reads += _runs(files.enter_context(self._random_reader(s)), local, raw[a:b], self.dim * raw.itemsize)
+                fd = files.enter_context(random_reader(self.root / self.manifest.shards[s].file))
+                reads += runs(fd, local, raw[a:b], self.dim * raw.itemsize)
                 scales = self._scales[s]
                 parts.append((a, b, None if scales is None else scales[local]))
-            _read_all(reads)
+            read_all(reads)
         if not parts:
             return torch.empty(0, self.dim, dtype=output_dtype(self.dtype))
         if self.dtype is StorageDtype.FLOAT16:  # rescaled per row, with each shard's scales
@@ -292,21 +293,6 @@ class GradientStore:
         else:
             decoded = decode_rows(raw, self.dtype, None)  # a view of `raw`
         return decoded[torch.from_numpy(inverse).flatten()]
-
-    @contextlib.contextmanager
-    def _random_reader(self, index: int) -> Iterator[int]:
-        """A file descriptor of shard `index` opened for random reads (no read-ahead), closed on exit."""
-        path = self.root / self.manifest.shards[index].file
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise StoreCorruptedError(f"{path}: cannot be opened ({exc.strerror}); removed after open?") from None
-        try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            yield fd
-        finally:
-            os.close(fd)
 
     def layer_rows(self, name: str, start: int = 0, stop: int | None = None) -> Tensor:
         """One layer's columns of rows [start, stop): (n, k_out * k_in)."""
@@ -350,40 +336,6 @@ class GradientStore:
         except StoreError:
             return False
         return current.statistics != self.manifest.statistics
-
-
-_TAKE_THREADS = 16  # reads in flight in `take`: a disk serves random reads faster with a queue
-
-
-def _runs(fd: int, local: np.ndarray, out: np.ndarray, row_bytes: int) -> list[tuple[int, np.ndarray, int]]:
-    """(fd, rows of `out`, byte offset) per run of consecutive rows in the sorted `local` [m]."""
-    breaks = np.flatnonzero(np.diff(local) != 1) + 1
-    starts, stops = np.concatenate([[0], breaks]), np.concatenate([breaks, [local.size]])
-    return [(fd, out[a:b], int(local[a]) * row_bytes) for a, b in zip(starts.tolist(), stops.tolist())]
-
-
-def _read_all(reads: list[tuple[int, np.ndarray, int]]) -> None:
-    """preadv each (fd, buffer, offset) fully, from up to _TAKE_THREADS threads (the reads release the GIL)."""
-
-    def run(batch: list[tuple[int, np.ndarray, int]]) -> None:
-        for fd, buffer, offset in batch:
-            view = buffer.data.cast("B")
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n == 0:
-                    raise StoreCorruptedError(
-                        f"a shard ended at byte {offset + done}, before the rows the manifest names; it was "
-                        "truncated after open. Restore it or re-log the store."
-                    )
-                done += n
-
-    threads = min(_TAKE_THREADS, len(reads))
-    if threads <= 1:
-        run(reads)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(run, [reads[i::threads] for i in range(threads)]))
 
 
 def _advise(array: np.ndarray, advice: str, offset: int, length: int) -> None:
