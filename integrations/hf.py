@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from logra import distributed
 from logra.capture import GradientLogger
-from logra.capture.logger import QueryRows  # rows with their config and model fingerprint (re-exported)
+from logra.capture.rows import QueryRows  # rows with their config and model fingerprint (re-exported)
 from logra.config import LoGraConfig
 from logra.curvature.fisher import FisherLabels, true_fisher_statistics
 from logra.curvature.moments import FisherStatistics

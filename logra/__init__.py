@@ -7,7 +7,8 @@ with one matmul per chunk.
 
 from logra import evaluation
 from logra.capture.adapters import LayerAdapter
-from logra.capture.logger import GradientLogger, QueryRows, Record
+from logra.capture.logger import GradientLogger
+from logra.capture.rows import QueryRows, Record
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, ProjectionInit, StorageDtype
 from logra.curvature.fisher import FisherLabels, sampled_cross_entropy, true_fisher_statistics
 from logra.curvature.mixed import mixed_preconditioner

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from logra.capture.layers import projection_grams
-from logra.capture.logger import GradientLogger, QueryRows, Record
+from logra.capture.logger import GradientLogger
+from logra.capture.rows import QueryRows, Record
 from logra.config import LoGraConfig, LossReduction, NonFinitePolicy, StorageDtype
 from logra.curvature.fisher import true_fisher_statistics
 from logra.curvature.moments import FisherKind, FisherStatistics, kronecker_eigenbases

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from logra.capture.adapters import layer_module
 from logra.capture.hooks import LayerCapture, per_example_gradients
-from logra.capture.logger import GradientLogger, QueryRows, _Batch
+from logra.capture.logger import GradientLogger, _Batch
+from logra.capture.rows import QueryRows
 from logra.config import LossReduction
 from logra.errors import CaptureError, ConfigError
 from logra.score import Normalization, Queries, Scorer, _inverse_sqrt

@@ -7,7 +7,8 @@
 """
 
 from logra.capture.adapters import LayerAdapter, select_layers
-from logra.capture.logger import GradientLogger, Record
+from logra.capture.logger import GradientLogger
 from logra.capture.projection import make_projection
+from logra.capture.rows import Record
 
 __all__ = ["GradientLogger", "LayerAdapter", "Record", "make_projection", "select_layers"]

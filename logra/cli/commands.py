@@ -145,7 +145,8 @@ def _query_rows(
 ) -> tuple[list[Any], Any, dict[str, Any], Any]:
     """Log the query file with the store's config, settings and optimizer correction; (query ids,
     QueryRows, the fields read, the queries' Kronecker statistics with `statistics`, else None)."""
-    from logra.capture.logger import GradientLogger, QueryRows
+    from logra.capture.logger import GradientLogger
+    from logra.capture.rows import QueryRows
     from logra.cli.inputs import ModelSettings, encode, load_model, load_records, log_examples
     from logra.curvature.optimizer import OptimizerCorrection
 

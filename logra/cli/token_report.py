@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from logra.capture.logger import QueryRows
+from logra.capture.rows import QueryRows
 from logra.errors import ConfigError
 from logra.report import ReportDocument, ReportQuery, TokenPieces
 from logra.tokens import token_texts

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from logra.capture.logger import GradientLogger, QueryRows
+from logra.capture.logger import GradientLogger
+from logra.capture.rows import QueryRows
 from logra.config import LoGraConfig, ProjectionInit
 from logra.curvature.hvp import DEFAULT_CHUNK, CurvatureOperator
 from logra.curvature.moments import CurvatureSource
