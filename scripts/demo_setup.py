@@ -26,6 +26,8 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import hashlib
 import json
 import shutil
 import sys
@@ -39,6 +41,10 @@ PROMPTS = ("Firefighters in New South Wales are battling", "In Afghanistan, the 
 HELD_OUT_FROM = (0, 60, 120, 180, 240)  # a held-out passage from the first long article at or after each
 PASSAGE_TOKENS = 48
 VALIDATION_EVERY = 8  # validation passages: articles 4, 12, 20, ... not used by the demo's own five
+# What fine-tuning on each article does to each passage's loss (benchmarks/demo_ground_truth.py).
+GROUND_TRUTH = (
+    Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "demo_ground_truth_adam_lr5e-05_steps5.json"
+)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -142,8 +148,15 @@ def validation_passages(model_path: Path, docs: list[dict], max_length: int, exc
     ]
 
 
-def check(topk_csv: Path, k: int = 5) -> int:
-    """Print how often a held-out passage's own article is among its top-k helpful articles."""
+def check(
+    topk_csv: Path,
+    k: int = 5,
+    queries_file: Path | None = None,
+    store: Path | None = None,
+    ground_truth: Path = GROUND_TRUTH,
+) -> int:
+    """Print how often a held-out passage's own article is among its top-k helpful articles, and
+    how often the top article is the one whose fine-tuning lowers the passage's loss the most."""
     import csv
 
     with open(topk_csv, encoding="utf-8") as f:
@@ -165,7 +178,55 @@ def check(topk_csv: Path, k: int = 5) -> int:
         f"{len(rank1)}/{len(queries)} passages and in the top {k} for {len(found)}/{len(queries)} "
         f"(by chance: about {k}/N each)"
     )
+    truth, why = _ground_truth(ground_truth, queries_file, store, queries)
+    if truth is None:
+        print(f"[demo] ground truth: not compared ({why})")
+        return 0
+    first = {r["query_id"]: r["train_id"] for r in rows if r["rank"] == "1"}
+    same = sum(first.get(q) == truth["top5"][q][0] for q in queries)
+    in_top = sum(first.get(q) in truth["top5"][q] for q in queries)
+    sources = sum(truth["top5"][q][0] == q.removeprefix("passage-from-") for q in queries)
+    recipe = truth["recipe"]
+    print(
+        f"[demo] ground truth ({ground_truth.name}: {recipe['steps']} {recipe['optimizer']} steps on each article "
+        f"alone, then the passage's loss): the source article lowers its passage's loss the most for "
+        f"{sources}/{len(queries)}; the most helpful article above is the one that lowers it most for "
+        f"{same}/{len(queries)}, and one of the five that lower it most for {in_top}/{len(queries)}"
+    )
     return 0
+
+
+def _ground_truth(
+    path: Path, queries_file: Path | None, store: Path | None, queries: list[str]
+) -> tuple[dict | None, str]:
+    """The saved fine-tuning ground truth, if it was computed for exactly these passages and articles."""
+    if not path.is_file():
+        return None, f"{path} is missing; benchmarks/demo_ground_truth.py writes it"
+    if queries_file is None or store is None:
+        return None, "pass --queries and --store: the scored queries file and the store"
+    truth = json.loads(path.read_text(encoding="utf-8"))
+    texts = {q["id"]: q for q in map(json.loads, queries_file.read_text(encoding="utf-8").splitlines()) if q}
+    changed = [
+        q for q in queries if q not in truth["passage_sha256"] or _sha256(texts.get(q)) != truth["passage_sha256"][q]
+    ]
+    if changed:
+        return None, f"passages {changed[:3]} differ from those of {path.name} (other --max-length or --docs?)"
+    from logra import GradientStore
+
+    opened = GradientStore.open(store)
+    if [str(i) for i in opened.ids] != truth["articles"]:
+        return None, f"the store's articles are not the {len(truth['articles'])} of {path.name}"
+    patterns = truth["recipe"]["modules"]
+    if any(not any(fnmatch.fnmatch(layer.name, p) for p in patterns) for layer in opened.layers):
+        return None, f"the store logs other layers than those {path.name} fine-tuned ({patterns})"
+    return truth, ""
+
+
+def _sha256(query: dict | None) -> str | None:
+    """A passage's SHA-256 as benchmarks/demo_ground_truth.py takes it."""
+    if query is None:
+        return None
+    return hashlib.sha256(json.dumps([query.get("prompt", ""), query["text"]]).encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=64, help="tokens per article that `logra log` will see")
     parser.add_argument("--new-tokens", type=int, default=24, help="length of each free-prompt completion")
     parser.add_argument("--check", type=Path, help="instead of setting up: check the top-k table `logra score` wrote")
+    parser.add_argument("--queries", type=Path, help="with --check: the queries file that was scored")
+    parser.add_argument("--store", type=Path, help="with --check: the store it was scored against")
     args = parser.parse_args(argv)
     if args.check:
-        return check(args.check)
+        return check(args.check, queries_file=args.queries, store=args.store)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     docs = corpus(args.docs)
