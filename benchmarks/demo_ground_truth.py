@@ -130,6 +130,42 @@ def passage_losses(logits: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     return (nll * mask[:, 1:]).sum(1)
 
 
+def candidates(docs: list[dict], passages: list[dict], saved: Path | None, top: int) -> list[dict]:
+    """`docs`, or with a saved gain matrix only each passage's `top` articles by it and its source."""
+    if saved is None:
+        return docs
+    earlier = np.load(saved)
+    articles, rows = list(earlier["articles"]), {p: i for i, p in enumerate(earlier["passages"])}
+    keep = {p["id"].removeprefix("passage-from-") for p in passages}
+    for p in passages:
+        if p["id"] not in rows:
+            raise SystemExit(f"--candidates-from {saved} has no gains for {p['id']}.")
+        keep.update(articles[j] for j in np.argsort(-earlier["gain"][rows[p["id"]]], kind="stable")[:top])
+    return [d for d in docs if d["id"] in keep]
+
+
+def fine_tune(tail: Tail, weights: list[nn.Parameter], ids: Tensor, args: argparse.Namespace) -> float:
+    """`args.steps` optimizer steps on one article's (1, T) `ids`: the change of its mean token loss."""
+    mask = torch.ones(ids.shape)
+    hidden = tail.entering(ids)
+    tokens = mask[:, 1:].sum()
+    opt = torch.optim.Adam(weights, lr=args.lr) if args.optimizer == "adam" else torch.optim.SGD(weights, lr=args.lr)
+    for w in weights:
+        w.requires_grad_(True)
+    with torch.enable_grad():
+        for step in range(args.steps):
+            loss = passage_losses(tail.logits(hidden), ids, mask).sum() / tokens
+            if step == 0:
+                first = loss.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for w in weights:
+        w.requires_grad_(False)
+    with torch.no_grad():
+        return passage_losses(tail.logits(hidden), ids, mask).sum().item() / tokens.item() - first
+
+
 def ground_truth(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,13 +177,13 @@ def ground_truth(args: argparse.Namespace) -> dict[str, Any]:
         p.requires_grad_(False)
     weights, first = trained_weights(model, args.modules)
     tail = Tail(model, first)
-    docs = load_jsonl(args.demo_dir / "corpus.jsonl")
     passages = [
         q
-        for name in ("queries.jsonl", "validation.jsonl")
+        for name in ("queries.jsonl",) + (() if args.only_demo else ("validation.jsonl",))
         for q in load_jsonl(args.demo_dir / name)
         if q["id"].startswith("passage-from-")
     ]
+    docs = candidates(load_jsonl(args.demo_dir / "corpus.jsonl"), passages, args.candidates_from, args.top)
     seqs = [
         tokenizer(q["prompt"])["input_ids"] + tokenizer(q["text"], add_special_tokens=False)["input_ids"]
         for q in passages
@@ -169,27 +205,10 @@ def ground_truth(args: argparse.Namespace) -> dict[str, Any]:
 
     for j, doc in enumerate(tqdm(docs, desc="fine-tune per article", file=sys.stderr)):
         d_ids = torch.tensor([tokenizer(doc["text"], truncation=True, max_length=args.max_length)["input_ids"]])
-        d_mask = torch.ones(d_ids.shape)
-        d_hidden = tail.entering(d_ids)
-        for w in weights:
-            w.requires_grad_(True)
-        opt = (
-            torch.optim.Adam(weights, lr=args.lr) if args.optimizer == "adam" else torch.optim.SGD(weights, lr=args.lr)
-        )
-        tokens = d_mask[:, 1:].sum()
-        with torch.enable_grad():
-            for step in range(args.steps):
-                loss = passage_losses(tail.logits(d_hidden), d_ids, d_mask).sum() / tokens
-                if step == 0:
-                    first_loss = loss.item()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        own[j] = fine_tune(tail, weights, d_ids, args)
         with torch.no_grad():
-            own[j] = passage_losses(tail.logits(d_hidden), d_ids, d_mask).sum().item() / tokens.item() - first_loss
             gain[:, j] = (before - passage_losses(tail.logits(q_hidden), q_ids, q_mask)).numpy()
             for w, w0 in zip(weights, saved):
-                w.requires_grad_(False)
                 w.copy_(w0)
     return {
         "gain": gain,
@@ -205,6 +224,11 @@ def passage_sha256(query: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps([query.get("prompt", ""), query["text"]]).encode()).hexdigest()
 
 
+def best(row: np.ndarray) -> set[int]:
+    """The columns tied at the row's maximum (duplicate articles have bit-identical gains and scores)."""
+    return set(np.flatnonzero(row == row.max()).tolist())
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -213,6 +237,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def compare(scores: np.ndarray, gain: np.ndarray, sources: list[int], n_demo: int) -> dict[str, Any]:
     """How `scores` (P, N) find each passage's source, and how they agree with `gain` (P, N)."""
     ranks = [int((scores[i] > scores[i, s]).sum()) + 1 for i, s in enumerate(sources)]
+    same = [bool(best(scores[i]) & best(gain[i])) for i in range(len(sources))]
     return {
         "source_ranks": ranks,
         "source_first_demo": sum(r == 1 for r in ranks[:n_demo]),
@@ -227,7 +252,8 @@ def compare(scores: np.ndarray, gain: np.ndarray, sources: list[int], n_demo: in
                 ]
             )
         ),
-        "same_first": sum(int(np.argmax(scores[i]) == np.argmax(gain[i])) for i in range(len(sources))),
+        "same_first_demo": sum(same[:n_demo]),
+        "same_first_validation": sum(same[n_demo:]),
     }
 
 
@@ -274,10 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gain", type=Path, help="reuse a gain matrix saved by an earlier run (.npz) instead of fine-tuning"
     )
+    parser.add_argument("--only-demo", action="store_true", help="only the demo's own passages (not validation)")
+    parser.add_argument(
+        "--candidates-from", type=Path, help="fine-tune only on each passage's --top articles by this saved gain .npz"
+    )
+    parser.add_argument("--top", type=int, default=10, help="with --candidates-from: articles per passage")
+    parser.add_argument("--tag", default="", help="appended to the output names")
     parser.add_argument("--scores", nargs="*", default=[], metavar="NAME=Q.npy,V.npy")
     parser.add_argument("--out", type=Path, help="results JSON (default: results/demo_ground_truth_<optimizer>.json)")
     args = parser.parse_args(argv)
-    tag = f"{args.optimizer}_lr{args.lr:g}_steps{args.steps}"
+    tag = f"{args.optimizer}_lr{args.lr:g}_steps{args.steps}" + (f"_{args.tag}" if args.tag else "")
+    if args.scores and (args.only_demo or args.candidates_from):
+        raise SystemExit("--scores compares whole score matrices: leave out --only-demo and --candidates-from.")
     if args.gain:
         saved = np.load(args.gain)
         truth = {k: saved[k] for k in saved.files}
@@ -288,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(RESULTS / f"demo_ground_truth_{tag}.npz", **{k: np.asarray(v) for k, v in truth.items()})
     gain, passages, articles = np.asarray(truth["gain"]), truth["passages"], truth["articles"]
     sources = [articles.index(p.removeprefix("passage-from-")) for p in passages]
-    n_demo = sum(1 for q in load_jsonl(args.demo_dir / "queries.jsonl") if q["id"].startswith("passage-from-"))
+    n_demo = sum(1 for q in load_jsonl(args.demo_dir / "queries.jsonl") if q["id"] in passages)
     table = {"ground truth": compare(gain, gain, sources, n_demo)}
     for spec in args.scores:
         name, scores = matrix_rows(spec, passages, articles)
@@ -298,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:16s} source first: {row['source_first_demo']}/{n_demo} demo, "
             f"{row['source_first_validation']}/{len(passages) - n_demo} validation "
             f"(top 5: {row['source_top5_validation']}); spearman {row['spearman']:.3f}, "
-            f"top-10 overlap {row['top10_overlap']:.2f}, same first {row['same_first']}/{len(passages)}; "
+            f"top-10 overlap {row['top10_overlap']:.2f}, same first as the ground truth "
+            f"{row['same_first_demo']}/{n_demo} demo, {row['same_first_validation']}/{len(passages) - n_demo}; "
             f"demo ranks {row['source_ranks'][:n_demo]}"
         )
     out = args.out or RESULTS / f"demo_ground_truth_{tag}.json"
@@ -317,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
         "articles": articles,
         "passage_sha256": texts,
+        "first": {p: [articles[j] for j in sorted(best(gain[i]))] for i, p in enumerate(passages)},
         "top5": top5,
     }
     out.write_text(json.dumps(result, indent=1))

@@ -61,6 +61,7 @@ def _truth(tmp: Path, top5: dict[str, list[str]], modules: list[str] | None = No
         "recipe": {"optimizer": "adam", "steps": 5, "modules": modules or ["0"]},
         "articles": ARTICLES,
         "passage_sha256": {q["id"]: demo_setup._sha256(q) for q in PASSAGES},
+        "first": {q: top[:1] for q, top in top5.items()},
         "top5": top5,
     }
     path.write_text(json.dumps(truth))
@@ -107,3 +108,17 @@ def test_check_refuses_a_ground_truth_of_other_passages_articles_or_layers(
     assert "not compared (pass --queries and --store" in capsys.readouterr().out
     demo_setup.check(table, queries_file=queries, store=store, ground_truth=tmp_path / "missing.json")
     assert "missing.json is missing" in capsys.readouterr().out
+
+
+def test_check_counts_ties_at_the_top_of_the_ground_truth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Duplicate articles tie: a source tied at the top counts, and so does logra's first if it is either."""
+    store = _store(tmp_path / "store", ARTICLES)
+    table, queries = _files(tmp_path, {"passage-from-lee-000": "lee-002", "passage-from-lee-001": "lee-000"})
+    path = _truth(tmp_path, {"passage-from-lee-000": ["lee-000", "lee-002"], "passage-from-lee-001": ["lee-002"]})
+    truth = json.loads(path.read_text())
+    truth["first"]["passage-from-lee-000"] = ["lee-000", "lee-002"]  # bit-identical gains
+    path.write_text(json.dumps(truth))
+    demo_setup.check(table, queries_file=queries, store=store, ground_truth=path)
+    out = capsys.readouterr().out
+    assert "lowers its passage's loss the most for 1/2" in out
+    assert "the one that lowers it most for 1/2" in out

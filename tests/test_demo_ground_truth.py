@@ -68,8 +68,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _args(demo: Path, **kw: object) -> argparse.Namespace:
     base = dict(
-        demo_dir=demo, model=demo / "model", modules=TRAINED, max_length=MAX_LENGTH, optimizer="sgd", lr=1e-3, steps=1
-    )
+        demo_dir=demo, model=demo / "model", modules=TRAINED, max_length=MAX_LENGTH, optimizer="sgd", lr=1e-3, steps=1,
+        only_demo=False, candidates_from=None, top=10,
+    )  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -117,11 +118,31 @@ def test_adam_steps_restore_the_weights_between_articles(demo: Path) -> None:
     assert np.all(first["own_loss_change"] < 0)  # each article's own loss falls
 
 
+def test_candidates_and_demo_passages_only_give_the_same_gains(demo: Path, tmp_path: Path) -> None:
+    """Restricted to each demo passage's best article by an earlier run and its source, the gains
+    of those articles are the full run's (every article starts from the same weights)."""
+    full = gt.ground_truth(_args(demo, optimizer="adam", lr=1e-2, steps=2))
+    saved = tmp_path / "full.npz"
+    np.savez(saved, **{k: np.asarray(v) for k, v in full.items()})
+    part = gt.ground_truth(
+        _args(demo, optimizer="adam", lr=1e-2, steps=2, only_demo=True, candidates_from=saved, top=1)
+    )
+    assert part["passages"] == list(PASSAGES)
+    best = {full["articles"][int(np.argmax(full["gain"][i]))] for i in range(len(PASSAGES))}
+    assert set(part["articles"]) == best | {p.removeprefix("passage-from-") for p in PASSAGES}
+    cols = [full["articles"].index(a) for a in part["articles"]]
+    np.testing.assert_allclose(part["gain"], full["gain"][: len(PASSAGES)][:, cols], rtol=1e-5, atol=1e-6)
+
+
 def test_compare_counts_sources_and_agreement() -> None:
     gain = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 4.0, 0.0]])
     scores = np.array([[2.0, 2.5, 0.0], [0.0, 1.0, 9.0], [5.0, 1.0, 0.0]])
     row = gt.compare(scores, gain, sources=[0, 2, 1], n_demo=2)
     assert row["source_ranks"] == [2, 1, 2]
-    assert (row["source_first_demo"], row["source_first_validation"], row["same_first"]) == (1, 0, 1)
+    assert (row["source_first_demo"], row["source_first_validation"]) == (1, 0)
+    assert (row["same_first_demo"], row["same_first_validation"]) == (1, 0)
+    tied = gain.copy()
+    tied[2, 0] = 4.0  # articles 0 and 1 tie at the top of row 2: scores' first (0) counts as the same
+    assert gt.compare(scores, tied, sources=[0, 2, 1], n_demo=2)["same_first_validation"] == 1
     truth = gt.compare(gain, gain, sources=[0, 2, 1], n_demo=2)
-    assert truth["spearman"] == pytest.approx(1.0) and truth["same_first"] == 3
+    assert truth["spearman"] == pytest.approx(1.0) and truth["same_first_demo"] + truth["same_first_validation"] == 3
