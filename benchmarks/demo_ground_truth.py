@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import re
 import sys
@@ -47,14 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from logra.evaluation import spearman
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_MODULES = ("model.layers.2[6-9].mlp.down_proj", "lm_head")
-
-
-def load_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+sys.path.insert(0, str(HERE.parent / "scripts"))
+from demo_setup import passage_sha256, read_jsonl  # noqa: E402  (the demo's passages and how its check names them)
 
 
 def untie_head(model: nn.Module) -> None:
@@ -69,9 +67,8 @@ def untie_head(model: nn.Module) -> None:
 
 def trained_weights(model: nn.Module, patterns: list[str]) -> tuple[list[nn.Parameter], int]:
     """The weights of the modules matching `patterns`, and the first decoder block they touch."""
-    names = [
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(n, p) for p in patterns)
-    ]
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if isinstance(m, nn.Linear) and any(fnmatch.fnmatch(n, p) for p in patterns)]
     if not names:
         raise SystemExit(f"--modules {patterns} match no Linear layer of the model.")
     blocks = [int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
@@ -80,7 +77,6 @@ def trained_weights(model: nn.Module, patterns: list[str]) -> tuple[list[nn.Para
         raise SystemExit(
             f"modules {outside} are neither in a decoder block nor the LM head; this benchmark cannot train them."
         )
-    modules = dict(model.named_modules())
     first = min(blocks) if blocks else len(model.model.layers)
     return [modules[n].weight for n in names], first
 
@@ -180,10 +176,10 @@ def ground_truth(args: argparse.Namespace) -> dict[str, Any]:
     passages = [
         q
         for name in ("queries.jsonl",) + (() if args.only_demo else ("validation.jsonl",))
-        for q in load_jsonl(args.demo_dir / name)
+        for q in read_jsonl(args.demo_dir / name)
         if q["id"].startswith("passage-from-")
     ]
-    docs = candidates(load_jsonl(args.demo_dir / "corpus.jsonl"), passages, args.candidates_from, args.top)
+    docs = candidates(read_jsonl(args.demo_dir / "corpus.jsonl"), passages, args.candidates_from, args.top)
     seqs = [
         tokenizer(q["prompt"])["input_ids"] + tokenizer(q["text"], add_special_tokens=False)["input_ids"]
         for q in passages
@@ -219,19 +215,9 @@ def ground_truth(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def passage_sha256(query: dict[str, Any]) -> str:
-    """What identifies a passage: the SHA-256 of its prompt and text."""
-    return hashlib.sha256(json.dumps([query.get("prompt", ""), query["text"]]).encode()).hexdigest()
-
-
 def best(row: np.ndarray) -> set[int]:
     """The columns tied at the row's maximum (duplicate articles have bit-identical gains and scores)."""
     return set(np.flatnonzero(row == row.max()).tolist())
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def compare(scores: np.ndarray, gain: np.ndarray, sources: list[int], n_demo: int) -> dict[str, Any]:
@@ -243,7 +229,7 @@ def compare(scores: np.ndarray, gain: np.ndarray, sources: list[int], n_demo: in
         "source_first_demo": sum(r == 1 for r in ranks[:n_demo]),
         "source_first_validation": sum(r == 1 for r in ranks[n_demo:]),
         "source_top5_validation": sum(r <= 5 for r in ranks[n_demo:]),
-        "spearman": float(np.mean([spearman(scores[i], gain[i]) for i in range(len(sources))])),
+        "spearman": float(spearman(scores, gain).mean()),  # per passage (average ranks for ties), then the mean
         "top10_overlap": float(
             np.mean(
                 [
@@ -322,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(RESULTS / f"demo_ground_truth_{tag}.npz", **{k: np.asarray(v) for k, v in truth.items()})
     gain, passages, articles = np.asarray(truth["gain"]), truth["passages"], truth["articles"]
     sources = [articles.index(p.removeprefix("passage-from-")) for p in passages]
-    n_demo = sum(1 for q in load_jsonl(args.demo_dir / "queries.jsonl") if q["id"] in passages)
+    n_demo = sum(1 for q in read_jsonl(args.demo_dir / "queries.jsonl") if q["id"] in passages)
     table = {"ground truth": compare(gain, gain, sources, n_demo)}
     for spec in args.scores:
         name, scores = matrix_rows(spec, passages, articles)
@@ -343,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = {
         q["id"]: passage_sha256(q)
         for name in ("queries.jsonl", "validation.jsonl")
-        for q in load_jsonl(args.demo_dir / name)
+        for q in read_jsonl(args.demo_dir / name)
         if q["id"] in top5
     }
     result = {

@@ -47,6 +47,16 @@ GROUND_TRUTH = (
 )
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def passage_sha256(query: dict) -> str:
+    """What identifies a passage (for benchmarks/demo_ground_truth.py): the SHA-256 of its prompt and text."""
+    return hashlib.sha256(json.dumps([query.get("prompt", ""), query["text"]]).encode()).hexdigest()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -205,10 +215,8 @@ def _ground_truth(
     if queries_file is None or store is None:
         return None, "pass --queries and --store: the scored queries file and the store"
     truth = json.loads(path.read_text(encoding="utf-8"))
-    texts = {q["id"]: q for q in map(json.loads, queries_file.read_text(encoding="utf-8").splitlines()) if q}
-    changed = [
-        q for q in queries if q not in truth["passage_sha256"] or _sha256(texts.get(q)) != truth["passage_sha256"][q]
-    ]
+    texts = {q["id"]: passage_sha256(q) for q in read_jsonl(queries_file)}
+    changed = [q for q in queries if q not in texts or texts[q] != truth["passage_sha256"].get(q)]
     if changed:
         return None, f"passages {changed[:3]} differ from those of {path.name} (other --max-length or --docs?)"
     from logra import GradientStore
@@ -220,13 +228,6 @@ def _ground_truth(
     if any(not any(fnmatch.fnmatch(layer.name, p) for p in patterns) for layer in opened.layers):
         return None, f"the store logs other layers than those {path.name} fine-tuned ({patterns})"
     return truth, ""
-
-
-def _sha256(query: dict | None) -> str | None:
-    """A passage's SHA-256 as benchmarks/demo_ground_truth.py takes it."""
-    if query is None:
-        return None
-    return hashlib.sha256(json.dumps([query.get("prompt", ""), query["text"]]).encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,7 +60,7 @@ def _truth(tmp: Path, top5: dict[str, list[str]], modules: list[str] | None = No
     truth = {
         "recipe": {"optimizer": "adam", "steps": 5, "modules": modules or ["0"]},
         "articles": ARTICLES,
-        "passage_sha256": {q["id"]: demo_setup._sha256(q) for q in PASSAGES},
+        "passage_sha256": {q["id"]: demo_setup.passage_sha256(q) for q in PASSAGES},
         "first": {q: top[:1] for q, top in top5.items()},
         "top5": top5,
     }
