@@ -68,7 +68,7 @@ LOGGED = tuple(f"model.layers.{i}.mlp.down_proj" for i in (26, 27, 28, 29)) + ("
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "scripts"))
-from demo_ground_truth import padded, passage_losses, untie_head  # noqa: E402
+from demo_ground_truth import padded, passage_losses, source_counts, untie_head  # noqa: E402
 from demo_setup import read_jsonl  # noqa: E402
 
 
@@ -232,14 +232,7 @@ def per_article_curvature(
 
 
 def summary(scores: np.ndarray, sources: list[int], n_demo: int, gain: np.ndarray | None) -> dict[str, Any]:
-    ranks = [int((scores[i] > scores[i, s]).sum()) + 1 for i, s in enumerate(sources)]
-    row: dict[str, Any] = {
-        "source_ranks": ranks,
-        "source_first_demo": sum(r == 1 for r in ranks[:n_demo]),
-        "source_first_validation": sum(r == 1 for r in ranks[n_demo:]),
-        "source_top5_validation": sum(r <= 5 for r in ranks[n_demo:]),
-        "validation_passages": len(ranks) - n_demo,
-    }
+    row = {**source_counts(scores, sources, n_demo), "validation_passages": len(sources) - n_demo}
     if gain is not None:
         row["spearman_whole_model_demo"] = float(spearman(scores[:n_demo], gain).mean())
     return row

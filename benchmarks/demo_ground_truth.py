@@ -220,15 +220,23 @@ def best(row: np.ndarray) -> set[int]:
     return set(np.flatnonzero(row == row.max()).tolist())
 
 
-def compare(scores: np.ndarray, gain: np.ndarray, sources: list[int], n_demo: int) -> dict[str, Any]:
-    """How `scores` (P, N) find each passage's source, and how they agree with `gain` (P, N)."""
+def source_counts(scores: np.ndarray, sources: list[int], n_demo: int) -> dict[str, Any]:
+    """Each passage's source rank under `scores` (P, N) (ties count for the source), and how often
+    it is first among the first `n_demo` passages and the rest, and in the top 5 of the rest."""
     ranks = [int((scores[i] > scores[i, s]).sum()) + 1 for i, s in enumerate(sources)]
-    same = [bool(best(scores[i]) & best(gain[i])) for i in range(len(sources))]
     return {
         "source_ranks": ranks,
         "source_first_demo": sum(r == 1 for r in ranks[:n_demo]),
         "source_first_validation": sum(r == 1 for r in ranks[n_demo:]),
         "source_top5_validation": sum(r <= 5 for r in ranks[n_demo:]),
+    }
+
+
+def compare(scores: np.ndarray, gain: np.ndarray, sources: list[int], n_demo: int) -> dict[str, Any]:
+    """How `scores` (P, N) find each passage's source, and how they agree with `gain` (P, N)."""
+    same = [bool(best(scores[i]) & best(gain[i])) for i in range(len(sources))]
+    return {
+        **source_counts(scores, sources, n_demo),
         "spearman": float(spearman(scores, gain).mean()),  # per passage (average ranks for ties), then the mean
         "top10_overlap": float(
             np.mean(
