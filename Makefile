@@ -40,7 +40,8 @@ demo: $(STAMP)
 	    --normalization relative --top-k 5 --out $(DEMO_DIR)/topk.csv --matrix $(DEMO_DIR)/scores.npy
 	$(LOGRA) report --scores $(DEMO_DIR)/scores.npy --out $(DEMO_DIR)/report.html --tokens \
 	    --title "Which news articles shape SmolLM2's completions?"
-	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/topk.csv --queries $(DEMO_DIR)/queries.jsonl --store $(DEMO_DIR)/store
+	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/topk.csv --queries $(DEMO_DIR)/queries.jsonl --store $(DEMO_DIR)/store \
+	    --corpus $(DEMO_DIR)/corpus.jsonl
 	@echo "open $(DEMO_DIR)/report.html"
 
 # make demo-validate (after make demo, same DEMO_DIR): the same check over the 33 held-out passages
@@ -48,7 +49,8 @@ demo: $(STAMP)
 demo-validate: $(STAMP)
 	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/validation.jsonl --prompt-field prompt \
 	    --normalization relative --top-k 5 --out $(DEMO_DIR)/validation-topk.csv
-	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/validation-topk.csv --queries $(DEMO_DIR)/validation.jsonl --store $(DEMO_DIR)/store
+	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/validation-topk.csv --queries $(DEMO_DIR)/validation.jsonl \
+	    --store $(DEMO_DIR)/store --corpus $(DEMO_DIR)/corpus.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -164,9 +164,14 @@ def check(
     queries_file: Path | None = None,
     store: Path | None = None,
     ground_truth: Path = GROUND_TRUTH,
+    corpus: Path | None = None,
 ) -> int:
     """Print how often a held-out passage's own article is among its top-k helpful articles, and
-    how often the top article is the one whose fine-tuning lowers the passage's loss the most."""
+    how often the top article is the one whose fine-tuning lowers the passage's loss the most.
+
+    With `corpus`, a verbatim copy of the source article counts as the source: the Lee corpus
+    holds 7 articles twice (lee-117 and lee-120 are one text), and a copy's row is the source's,
+    so which of the two comes first is a tie broken by position, not evidence either way."""
     import csv
 
     with open(topk_csv, encoding="utf-8") as f:
@@ -174,19 +179,20 @@ def check(
             r for r in csv.DictReader(f) if r["direction"] == "helpful" and r["query_id"].startswith("passage-from-")
         ]
     queries = sorted({r["query_id"] for r in rows})
+    same_text = copies(corpus) if corpus is not None else {}
+    sources = {q: same_text.get(q.removeprefix("passage-from-"), {q.removeprefix("passage-from-")}) for q in queries}
     found = [
-        q
-        for q in queries
-        if q.removeprefix("passage-from-")
-        in {r["train_id"] for r in rows if r["query_id"] == q and int(r["rank"]) <= k}
+        q for q in queries if sources[q] & {r["train_id"] for r in rows if r["query_id"] == q and int(r["rank"]) <= k}
     ]
     rank1 = [
-        q for q in queries if any(r["query_id"] == q and r["rank"] == "1" and q.endswith(r["train_id"]) for r in rows)
+        q for q in queries if any(r["query_id"] == q and r["rank"] == "1" and r["train_id"] in sources[q] for r in rows)
     ]
+    copied = sum(len(sources[q]) > 1 for q in queries)
     print(
         f"[demo] check: the source article of a held-out passage is the most helpful document for "
         f"{len(rank1)}/{len(queries)} passages and in the top {k} for {len(found)}/{len(queries)} "
         f"(by chance: about {k}/N each)"
+        + (f"; a verbatim copy of the source counts as it (passages with one: {copied})" if copied else "")
     )
     truth, why = _ground_truth(ground_truth, queries_file, store, queries)
     if truth is None:
@@ -195,15 +201,23 @@ def check(
     first = {r["query_id"]: r["train_id"] for r in rows if r["rank"] == "1"}
     same = sum(first.get(q) in truth["first"][q] for q in queries)  # "first": the articles tied at the top
     in_top = sum(first.get(q) in truth["first"][q] + truth["top5"][q] for q in queries)
-    sources = sum(q.removeprefix("passage-from-") in truth["first"][q] for q in queries)
+    wins = sum(bool(sources[q] & set(truth["first"][q])) for q in queries)
     recipe = truth["recipe"]
     print(
         f"[demo] ground truth ({ground_truth.name}: {recipe['steps']} {recipe['optimizer']} steps on each article "
         f"alone, then the passage's loss): the source article lowers its passage's loss the most for "
-        f"{sources}/{len(queries)}; the most helpful article above is the one that lowers it most for "
+        f"{wins}/{len(queries)}; the most helpful article above is the one that lowers it most for "
         f"{same}/{len(queries)}, and one of the five that lower it most for {in_top}/{len(queries)}"
     )
     return 0
+
+
+def copies(corpus: Path) -> dict[str, set[str]]:
+    """{article id: the ids of every article with exactly its text, itself included} from a corpus.jsonl."""
+    by_text: dict[str, set[str]] = {}
+    for row in read_jsonl(corpus):
+        by_text.setdefault(row["text"], set()).add(str(row["id"]))
+    return {i: ids for ids in by_text.values() for i in ids}
 
 
 def _ground_truth(
@@ -239,9 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=Path, help="instead of setting up: check the top-k table `logra score` wrote")
     parser.add_argument("--queries", type=Path, help="with --check: the queries file that was scored")
     parser.add_argument("--store", type=Path, help="with --check: the store it was scored against")
+    parser.add_argument(
+        "--corpus", type=Path, help="with --check: the corpus.jsonl (a verbatim copy of a source counts)"
+    )
     args = parser.parse_args(argv)
     if args.check:
-        return check(args.check, queries_file=args.queries, store=args.store)
+        return check(args.check, queries_file=args.queries, store=args.store, corpus=args.corpus)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     docs = corpus(args.docs)

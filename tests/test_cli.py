@@ -419,7 +419,9 @@ def test_errors_exit_2_with_a_clear_message(
     assert "is not the one the store" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["log", "fit", "score", "self-influence", "report", "validate", "verify"])
+@pytest.mark.parametrize(
+    "command", ["log", "fit", "score", "self-influence", "report", "confirm", "validate", "verify"]
+)
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

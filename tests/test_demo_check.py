@@ -122,3 +122,24 @@ def test_check_counts_ties_at_the_top_of_the_ground_truth(tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert "lowers its passage's loss the most for 1/2" in out
     assert "the one that lowers it most for 1/2" in out
+
+
+def test_check_counts_a_verbatim_copy_of_the_source_as_the_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """lee-002 is lee-000's text again (the Lee corpus has 7 such copies): first for lee-000's
+    passage it is a hit when the corpus is given, a miss without it; a different text never counts."""
+    store = _store(tmp_path / "store", ARTICLES)
+    table, queries = _files(tmp_path, {"passage-from-lee-000": "lee-002", "passage-from-lee-001": "lee-002"})
+    corpus = tmp_path / "corpus.jsonl"
+    texts = {"lee-000": "a fire near the town", "lee-001": "the union strike", "lee-002": "a fire near the town"}
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in texts.items()))
+    truth = tmp_path / "missing.json"
+    demo_setup.check(table, k=1, queries_file=queries, store=store, ground_truth=truth, corpus=corpus)
+    out = capsys.readouterr().out
+    assert "most helpful document for 1/2 passages and in the top 1 for 1/2" in out
+    assert "a verbatim copy of the source counts as it (passages with one: 1)" in out
+    demo_setup.check(table, k=1, queries_file=queries, store=store, ground_truth=truth)
+    out = capsys.readouterr().out
+    assert "most helpful document for 0/2 passages and in the top 1 for 0/2" in out
+    assert "a verbatim copy" not in out

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import NoReturn
 
 from logra.cli.commands import cmd_fit, cmd_score, cmd_self_influence, cmd_verify
+from logra.cli.confirm_command import cmd_confirm
 from logra.cli.inputs import MODEL_DTYPES
 from logra.cli.log_command import cmd_log
 from logra.cli.report_command import cmd_report
 from logra.cli.validate_command import cmd_validate
 from logra.config import NonFinitePolicy, ProjectionInit, StorageDtype
+from logra.confirm import FineTuneOptimizer
 from logra.curvature.fisher import EXACT_FISHER_MAX_CLASSES
 from logra.curvature.moments import FisherKind
 from logra.curvature.precondition import PreconditionerMethod
@@ -57,6 +60,17 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "default" in text or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action) or text
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
 
 
 def _model_options(p: argparse.ArgumentParser, required: bool) -> None:
@@ -114,7 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="logra", description="LoGra influence functions: which training examples made the model say what it said."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_log, _add_fit, _add_score, _add_self_influence, _add_report, _add_validate, _add_verify):
+    for add in (
+        _add_log,
+        _add_fit,
+        _add_score,
+        _add_self_influence,
+        _add_report,
+        _add_confirm,
+        _add_validate,
+        _add_verify,
+    ):
         add(sub)
     return parser
 
@@ -278,6 +301,29 @@ def _add_report(sub: argparse._SubParsersAction[_Parser]) -> None:
         "model on those examples only)",
     )
     p.set_defaults(func=cmd_report)
+
+
+def _add_confirm(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "confirm",
+        help="fine-tune on each query's top documents alone and rank them by how much the query's loss drops",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--scores", required=True, help="the .npy written by `logra score --matrix`")
+    p.add_argument("--out", required=True, help=".csv, .jsonl or .parquet: each query's candidates by gain")
+    p.add_argument("--store", help="default: the store the scores were computed on")
+    p.add_argument("--data", help="the training texts (default: the dataset the store was logged from)")
+    p.add_argument("--queries", help="default: the query file that was scored")
+    p.add_argument("--top-k", type=positive, default=5, help="candidates per query: its most helpful documents")
+    p.add_argument("--steps", type=positive, default=5, help="optimizer steps on each candidate")
+    p.add_argument("--lr", type=positive_float, default=5e-5, help="the fine-tuning's learning rate")
+    p.add_argument("--optimizer", choices=enum_values(FineTuneOptimizer), default=FineTuneOptimizer.ADAM.value)
+    p.add_argument(
+        "--train-modules",
+        nargs="+",
+        help="fnmatch patterns of the modules to train, e.g. 'model.layers.*' lm_head (default: every Linear/Conv1D)",
+    )
+    p.set_defaults(func=cmd_confirm)
 
 
 def _add_validate(sub: argparse._SubParsersAction[_Parser]) -> None:

@@ -4,8 +4,8 @@
 initialises the default group from the launcher's environment (gloo on CPUs, NCCL on GPUs) and
 destroys it when the command ends. `logra log` logs each rank's contiguous share of the data into
 one store; `score` and `self-influence` split the store's shards across ranks (the results equal
-a single process's); `fit`, `report` and `verify` run on rank 0 while the other ranks wait. Only
-rank 0 writes outputs and prints messages.
+a single process's); `fit`, `report`, `confirm` and `verify` run on rank 0 while the other ranks
+wait. Only rank 0 writes outputs and prints messages.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from logra.errors import LograError
 
-RANK0_ONLY = frozenset({"fit", "report", "validate", "verify"})
+RANK0_ONLY = frozenset({"fit", "report", "confirm", "validate", "verify"})
 
 
 def rank_world() -> tuple[int, int]:
