@@ -42,9 +42,14 @@ def test_bm25_finds_the_source_of_an_exact_copy_query_first() -> None:
 
 
 def test_tiny_run_reports_every_method() -> None:
-    result = ft.run(TINY, cache=None, log=lambda _: None)
+    result = ft.run(TINY, cache=None, log=lambda _: None, confirm=(3, (1, 2), 2e-3))
     methods = {"identity", "identity, cosine", "kfac", "ekfac", "ekfac, cosine", "budget, ekfac", "trackstar", "bm25"}
-    assert set(result["methods"]) == methods
+    confirmed = {f"{m} + confirm@3, {n}" for m in ft.CONFIRMED for n in ("1 step", "2 steps")}
+    assert set(result["methods"]) == methods | confirmed
+    for name in ft.CONFIRMED:  # re-ranking the top 3 moves ranks inside it only
+        before = torch.tensor(result["methods"][name]["ranks"])
+        after = torch.tensor(result["methods"][f"{name} + confirm@3, 1 step"]["ranks"])
+        assert torch.equal(before > 3, after > 3) and torch.equal(before[before > 3], after[after > 3])
     n = result["corpus"]["documents"]
     for m in result["methods"].values():
         assert len(m["ranks"]) == TINY.n_eval and all(1 <= r <= n for r in m["ranks"])
