@@ -61,6 +61,29 @@ class ReportDocument:
 
 
 @dataclass(frozen=True)
+class ConfirmedDocument:
+    """A shortlisted training example trained on alone (`logra confirm`, `logra.confirm`).
+
+    gain: the query's loss before minus after that fine-tuning (positive: it lowered the loss).
+    score, score_rank: its influence score and its rank (1 = highest) in the query's shortlist.
+    """
+
+    id: ExampleId
+    text: str
+    gain: float
+    score: float
+    score_rank: int
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A query's shortlist ordered by gain (highest first), and how it was fine-tuned (`recipe`, one line)."""
+
+    recipe: str
+    documents: tuple[ConfirmedDocument, ...]
+
+
+@dataclass(frozen=True)
 class ReportQuery:
     """One query: its text (prompt + completion for an LM), all its scores [N], and its top examples."""
 
@@ -70,6 +93,7 @@ class ReportQuery:
     scores: np.ndarray
     helpful: list[ReportDocument]
     harmful: list[ReportDocument]
+    confirmed: Confirmation | None = None
 
 
 def build_queries(
@@ -326,8 +350,25 @@ and harmful (red).</figcaption></figure>
 <div class="cols">
 <div class="pos"><h3>Most helpful</h3><ol class="docs">{_doc_items(q.helpful)}</ol></div>
 <div class="neg"><h3>Most harmful</h3><ol class="docs">{_doc_items(q.harmful)}</ol></div>
-</div>
+</div>{_confirmed_html(q.confirmed)}
 </section>"""
+
+
+def _confirmed_html(c: Confirmation | None) -> str:
+    if c is None:
+        return ""
+    items = "".join(
+        f'<li><span class="score">{_fmt(d.gain)}</span> <span class="scale">score rank {d.score_rank} · score '
+        f'{_fmt(d.score)}</span> <span class="id">[{html.escape(str(d.id))}]</span> '
+        f"{html.escape(_snippet(d.text))}</li>"
+        for d in c.documents
+    )
+    return (
+        f'\n<div class="pos confirmed"><h3>Confirmed by fine-tuning</h3><p class="note">Each of the top '
+        f"{len(c.documents)} helpful documents trained on alone from the model's weights ({html.escape(c.recipe)}), "
+        "ordered by how much this query's loss fell (the gain, in the loss's units).</p>"
+        f'<ol class="docs">{items}</ol></div>'
+    )
 
 
 def render_html(
@@ -381,5 +422,10 @@ def format_summary(queries: Sequence[ReportQuery], width: int = 100, show: int =
                     d.percentile is not None else ""  # fmt: skip
                 lines.append(f"    {d.score:+.3g}{scale}  [{d.id}] " + textwrap.shorten(d.text, width - 24,
                                                                                    placeholder=" …"))  # fmt: skip
+        if q.confirmed is not None:
+            lines.append(f"  confirmed by fine-tuning ({q.confirmed.recipe}):")
+            for c in q.confirmed.documents[:show]:
+                lines.append(f"    gain {c.gain:+.3g} (score rank {c.score_rank})  [{c.id}] "
+                             + textwrap.shorten(c.text, width - 34, placeholder=" …"))  # fmt: skip
         lines.append("")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,36 @@ def test_a_non_finite_update_or_query_loss_is_named_and_the_model_restored() -> 
     bad = [(x.clone().fill_(float("nan")), y)]
     with pytest.raises(ConfigError, match=r"query batch 0's loss is \[nan, nan\] at the model's weights"):
         fine_tune_gains(model, candidates, bad, _loss, lr=1e-2, progress=False)
+
+
+def test_report_shows_each_querys_shortlist_by_gain_and_refuses_other_scores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = make_env(tmp_path / "env")
+    store_dir, matrix, out = tmp_path / "s", tmp_path / "m.npy", tmp_path / "c.jsonl"
+    assert _log(env, store_dir) == 0
+    assert _score_queries(env, store_dir, "--matrix", str(matrix)) == 0
+    assert main(["confirm", "--scores", str(matrix), "--out", str(out), "--top-k", "3", "--lr", "1e-2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    page_path = tmp_path / "r.html"
+    capsys.readouterr()
+    assert main(["report", "--scores", str(matrix), "--out", str(page_path), "--confirmed", str(out)]) == 0
+    assert "confirmed by fine-tuning (5 adam steps at lr 0.01):" in capsys.readouterr().out
+    sections = page_path.read_text().split('<section class="query"')[1:]
+    for q, section in enumerate(sections):
+        block = section.split("<h3>Confirmed by fine-tuning</h3>")[1]
+        shown = re.findall(r'class="id">\[([^\]]+)\]', block)
+        assert shown == [r["train_id"] for r in rows if r["query_id"] == f"q{q}"]  # in gain order
+        assert "Each of the top 3 helpful documents trained on alone" in block
+    # Scores of another preconditioner: the confirmed table is not theirs.
+    assert main(["fit", str(store_dir), "--method", "kfac"]) == 0
+    assert _score_queries(env, store_dir, "--matrix", str(matrix), "--method", "kfac") == 0
+    assert main(["report", "--scores", str(matrix), "--out", str(page_path), "--confirmed", str(out)]) == 2
+    assert "confirmed another score matrix" in capsys.readouterr().err
+    (tmp_path / "broken.csv").write_text("query_id,rank\nq0,x\n")
+    (tmp_path / "broken.csv.json").write_text(Path(str(out) + ".json").read_text())
+    assert (
+        main(["report", "--scores", str(matrix), "--out", str(page_path), "--confirmed", str(tmp_path / "broken.csv")])
+        == 2
+    )
+    assert "not a table of `logra confirm`" in capsys.readouterr().err

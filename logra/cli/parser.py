@@ -300,6 +300,9 @@ def _add_report(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="colour each shown document's and query's tokens by their signed share of the score (reruns the "
         "model on those examples only)",
     )
+    p.add_argument(
+        "--confirmed", help="a table of `logra confirm` on the same scores: show each query's shortlist by gain"
+    )
     p.set_defaults(func=cmd_report)
 
 

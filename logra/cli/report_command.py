@@ -50,6 +50,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         "normalization": meta["normalization"],
         "provenance": ", ".join(f"{k} {str(v)[:16]}" for k, v in meta["provenance"].items()),
     }
+    if args.confirmed:
+        found = _confirmations(Path(args.confirmed), meta, {r: t["text"] for r, t in train_records.items()})
+        built = [replace(q, confirmed=found.get(q.id)) for q in built]
     if args.tokens:
         from logra.cli.token_report import attach_tokens
 
@@ -98,6 +101,56 @@ def _texts(
     if missing:
         raise ConfigError(f"the query ids {missing[:5]} of {meta_path} are not in the query file; pass --queries.")
     return train_records, by_id
+
+
+def _confirmations(path: Path, meta: dict[str, Any], texts: dict[Any, str]) -> dict[Any, Any]:
+    """{query id: Confirmation} from a `logra confirm` table of the same scores (checked by provenance)."""
+    import csv
+
+    from logra.report import Confirmation, ConfirmedDocument
+    from logra.store.files import read_regular
+
+    sidecar = Path(str(path) + ".json")
+    if path.suffix not in (".csv", ".jsonl") or not path.is_file() or not sidecar.is_file():
+        raise ConfigError(
+            f"--confirmed {path}: pass the .csv or .jsonl written by `logra confirm --out`, with its .json beside it."
+        )
+    try:
+        info = json.loads(read_regular(sidecar, 2**24, "the confirm table's metadata").decode("utf-8"))
+        recipe = info["recipe"]
+        line = f"{recipe['steps']} {recipe['optimizer']} steps at lr {float(recipe['lr']):g}"
+        text = read_regular(path, 2**30, "the confirm table").decode("utf-8")
+        rows = list(csv.DictReader(text.splitlines())) if path.suffix == ".csv" else [
+            json.loads(r) for r in text.splitlines() if r.strip()
+        ]  # fmt: skip
+        by_query: dict[Any, list[Any]] = {}
+        for r in sorted(rows, key=lambda r: int(r["rank"])):
+            tid = _same_id(r["train_id"], texts)
+            by_query.setdefault(_same_id(r["query_id"], dict.fromkeys(meta["query_ids"])), []).append(
+                ConfirmedDocument(
+                    tid, texts.get(tid, "(text not given)"), float(r["gain"]), float(r["score"]), int(r["score_rank"])
+                )  # fmt: skip
+            )
+    except LograError:
+        raise
+    except Exception as exc:  # a parse boundary: any defect of the table is reported as one
+        raise ConfigError(
+            f"--confirmed {path}: not a table of `logra confirm` ({type(exc).__name__}: {str(exc)[:200]}); run "
+            "`logra confirm` again."
+        ) from None
+    if info.get("provenance") != meta["provenance"]:
+        raise ConfigError(
+            f"--confirmed {path} confirmed another score matrix (store, preconditioner or queries differ from "
+            f"{meta['store']}'s); run `logra confirm --scores` on this matrix."
+        )
+    return {q: Confirmation(line, tuple(docs)) for q, docs in by_query.items()}
+
+
+def _same_id(text: Any, known: dict[Any, Any]) -> Any:
+    """A CSV cell as the id it names: an int id is written as digits and read back as text."""
+    if text in known or not isinstance(text, str):
+        return text
+    return int(text) if text.lstrip("-").isdigit() and int(text) in known else text
 
 
 def _matrix_meta(path: Path) -> dict[str, Any]:
