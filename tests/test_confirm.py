@@ -336,3 +336,43 @@ def test_report_shows_each_querys_shortlist_by_gain_and_refuses_other_scores(
         == 2
     )
     assert "not a table of `logra confirm`" in capsys.readouterr().err
+
+
+def test_cli_confirm_on_a_classifier_built_from_a_config(tmp_path: Path) -> None:
+    """A sequence classifier (labels, no prompt): the candidates' gains are the hand-written loop's."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    env = make_env(tmp_path / "env")
+    store_dir, matrix, out = tmp_path / "s", tmp_path / "m.npy", tmp_path / "c.csv"
+    model_args = ["--model", str(env["bert"]), "--tokenizer", str(env["bert_tok"]), "--init-seed", "3"]
+    log = ["log", *model_args, "--data", str(env["train"]), "--label-field", "label", "--id-field", "id"]
+    assert main([*log, "--out", str(store_dir), "--model-dtype", "float64", "--k", "3", "--max-length", "8"]) == 0
+    assert main(["score", "--store", str(store_dir), "--queries", str(env["train"]), "--label-field", "label",
+                 "--id-field", "id", "--limit", "2", "--matrix", str(matrix)]) == 0  # fmt: skip
+    assert main(["confirm", "--scores", str(matrix), "--out", str(out), "--top-k", "2", "--optimizer", "sgd",
+                 "--lr", "0.5", "--steps", "1", "--train-modules", "classifier"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 4 and all(np.isfinite(float(r["gain"])) for r in rows)
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(3)
+    cfg = AutoConfig.from_pretrained(env["bert"])
+    model = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float64).eval()
+    assert len(GradientStore.open(store_dir)) == len(TRAIN)
+    tok = AutoTokenizer.from_pretrained(env["bert_tok"])
+    labels = json.loads("[" + ",".join(env["train"].read_text().splitlines()) + "]")
+
+    def loss(net: nn.Module, i: int) -> torch.Tensor:
+        enc = tok(labels[i]["text"], truncation=True, max_length=8, return_tensors="pt")
+        return F.cross_entropy(net(**enc).logits, torch.tensor([labels[i]["label"]]))
+
+    for r in rows:
+        q, d = (int(r[c].removeprefix("doc")) for c in ("query_id", "train_id"))
+        net = copy.deepcopy(model)
+        params = list(net.classifier.parameters())
+        grads = torch.autograd.grad(loss(net, d), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 0.5 * g
+            gain = float(loss(model, q) - loss(net, q))
+        assert abs(float(r["gain"]) - gain) <= 1e-9 * max(abs(gain), 1e-3), (r, gain)
