@@ -189,7 +189,7 @@ def check(
     ]
     copied = sum(len(sources[q]) > 1 for q in queries)
     print(
-        f"[demo] check: the source article of a held-out passage is the most helpful document for "
+        f"[demo] check ({topk_csv.name}): the source article of a held-out passage is the most helpful document for "
         f"{len(rank1)}/{len(queries)} passages and in the top {k} for {len(found)}/{len(queries)} "
         f"(by chance: about {k}/N each)"
         + (f"; a verbatim copy of the source counts as it (passages with one: {copied})" if copied else "")
