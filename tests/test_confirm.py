@@ -260,6 +260,10 @@ def test_cli_confirm_refuses_bad_input_without_a_traceback(tmp_path: Path, capsy
         assert run([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(line + "\n" for line in env["train"].read_text().splitlines()[:1]))
+    assert main([*base, "--data", str(fewer)]) == 2
+    assert "are in the store but not in the training data read from" in capsys.readouterr().err
     assert main(["confirm", "--scores", str(tmp_path / "none.npy"), "--out", str(tmp_path / "c.csv")]) == 2
     assert "write them with `logra score --matrix" in capsys.readouterr().err
     assert main([*base[:-1], str(tmp_path / "c.txt")]) == 2

@@ -53,6 +53,12 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     chosen = sorted({int(c) for c in shortlists.ravel()})
     ids = store.ids
 
+    missing = [ids[c] for c in chosen if ids[c] not in train_records]
+    if missing:
+        raise ConfigError(
+            f"the candidates {missing[:5]} are in the store but not in the training data read from "
+            f"{args.data or settings.extra.get('data')}; pass --data with the dataset the store was logged from."
+        )
     model, tokenizer, task = load_model(settings)
     trained, untied = _trained(model, args.train_modules)
     label2id = getattr(model.config, "label2id", None)
