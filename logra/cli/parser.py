@@ -320,7 +320,12 @@ def _add_confirm(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--top-k", type=positive, default=5, help="candidates per query: its most helpful documents")
     p.add_argument("--steps", type=positive, default=5, help="optimizer steps on each candidate")
     p.add_argument("--lr", type=positive_float, default=5e-5, help="the fine-tuning's learning rate")
-    p.add_argument("--optimizer", choices=enum_values(FineTuneOptimizer), default=FineTuneOptimizer.ADAM.value)
+    p.add_argument(
+        "--optimizer",
+        choices=enum_values(FineTuneOptimizer),
+        default=FineTuneOptimizer.ADAM.value,
+        help="the fine-tuning's optimizer, with a fresh state for each candidate",
+    )
     p.add_argument(
         "--train-modules",
         nargs="+",
