@@ -5,7 +5,7 @@ shortlist (a query's top-k documents) the prediction can be checked by doing it:
 model's weights θ, take `steps` steps of a fresh optimizer on the candidate's loss alone,
 measure every query's loss at those weights θ_c, and restore θ exactly:
 
-    gain[q, c] = L_q(θ) - L_q(θ_c)          (in the loss's units: nats summed over the query's tokens)
+    gain[q, c] = L_q(θ) - L_q(θ_c)          (in per_example_loss's units, e.g. nats per token)
 
 gain > 0: training on candidate c lowers query q's loss, the direction of a *helpful* logra score.
 This is the counterfactual that first-order scores approximate (one SGD step of a small
@@ -14,7 +14,10 @@ learns it, which a gradient taken at θ cannot: on the demo's SmolLM2 passages f
 the whole model rank the source article first where no first-order score does (README).
 
 Cost: per candidate, `steps` forward/backward passes and optimizer updates of the trained
-parameters, then one forward pass of every query, so it is for shortlists, not for a corpus.
+parameters, then one forward pass of every query it is measured on (`pairs`), so it is for
+shortlists, not for a corpus. Memory: about four more copies of the trained parameters (the
+snapshot, their gradients, Adam's two moments; one optimizer serves every candidate, its state
+zeroed in place).
 The model is run in eval mode (no dropout: a candidate's gain does not depend on a random
 draw); its training mode, weights and gradients are restored after each candidate, also when a
 candidate fails.
