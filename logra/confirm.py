@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -123,8 +124,13 @@ def _checked(
 ) -> tuple[int, float, FineTuneOptimizer]:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps={steps!r} must be an integer >= 1 (optimizer steps on each candidate).")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"lr={lr!r} must be a finite number > 0, e.g. the learning rate of the fine-tuning.")
+    for name, value in (("candidates", candidates), ("queries", queries)):
+        if not isinstance(value, Sequence) and not (isinstance(value, Tensor) or hasattr(value, "__len__")):
+            raise ConfigError(
+                f"{name} must be a sequence of batches (a list), not {type(value).__name__}; e.g. list({name})."
+            )
     if isinstance(candidates, (Tensor, dict)) or len(candidates) == 0:
         raise ConfigError(
             "candidates must be a non-empty sequence of batches, one per candidate (e.g. [batch_of(i) for i in "
@@ -186,6 +192,8 @@ def _checked_pairs(pairs: Sequence[Sequence[int]] | None, n_candidates: int, n_b
         )
     out = []
     for c, positions in enumerate(pairs):
+        if not isinstance(positions, (Sequence, set, frozenset)) or isinstance(positions, str):
+            raise ConfigError(f"pairs[{c}] is {positions!r}, not a list of query-batch positions (e.g. [0, 2]).")
         chosen = list(positions)
         bad = [j for j in chosen if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < n_batches]
         if bad:

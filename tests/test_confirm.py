@@ -153,6 +153,12 @@ def test_bad_arguments_name_the_value_and_the_fix() -> None:
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
             fine_tune_gains(model, candidates, queries, _loss, progress=False, **kwargs)
+    with pytest.raises(ConfigError, match="candidates must be a sequence of batches \\(a list\\), not generator"):
+        fine_tune_gains(model, (c for c in candidates), queries, _loss, progress=False)
+    with pytest.raises(ConfigError, match=r"pairs\[1\] is 0, not a list of query-batch positions"):
+        fine_tune_gains(model, candidates, queries, _loss, pairs=[[0], 0], progress=False)
+    gains = fine_tune_gains(model, candidates, queries, _loss, lr=np.float32(1e-2), progress=False)
+    assert torch.isfinite(gains).all()  # a numpy learning rate is a number
     with pytest.raises(ConfigError, match="candidates must be a non-empty sequence of batches"):
         fine_tune_gains(model, [], queries, _loss, progress=False)
     with pytest.raises(ConfigError, match="queries must be a non-empty sequence of batches"):
