@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(LOGRA) fit $(DEMO_DIR)/store --method kfac
 	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/queries.jsonl --prompt-field prompt \
 	    --normalization relative --top-k 5 --out $(DEMO_DIR)/topk.csv --matrix $(DEMO_DIR)/scores.npy
-	$(LOGRA) confirm --scores $(DEMO_DIR)/scores.npy --top-k $(DEMO_CONFIRM_K) --steps 2 --lr 1e-4 \
+	$(LOGRA) confirm --scores $(DEMO_DIR)/scores.npy --top-k $(DEMO_CONFIRM_K) --steps 1 --lr 2e-4 \
 	    --out $(DEMO_DIR)/confirmed.csv
 	$(LOGRA) report --scores $(DEMO_DIR)/scores.npy --out $(DEMO_DIR)/report.html --tokens \
 	    --confirmed $(DEMO_DIR)/confirmed.csv --title "Which news articles shape SmolLM2's completions?"
@@ -55,7 +55,7 @@ demo: $(STAMP)
 demo-validate: $(STAMP)
 	$(LOGRA) score --store $(DEMO_DIR)/store --queries $(DEMO_DIR)/validation.jsonl --prompt-field prompt \
 	    --normalization relative --top-k 5 --out $(DEMO_DIR)/validation-topk.csv --matrix $(DEMO_DIR)/validation.npy
-	$(LOGRA) confirm --scores $(DEMO_DIR)/validation.npy --top-k $(DEMO_CONFIRM_K) --steps 2 --lr 1e-4 \
+	$(LOGRA) confirm --scores $(DEMO_DIR)/validation.npy --top-k $(DEMO_CONFIRM_K) --steps 1 --lr 2e-4 \
 	    --out $(DEMO_DIR)/validation-confirmed.csv
 	$(PY) scripts/demo_setup.py --check $(DEMO_DIR)/validation-topk.csv --queries $(DEMO_DIR)/validation.jsonl \
 	    --store $(DEMO_DIR)/store --corpus $(DEMO_DIR)/corpus.jsonl
