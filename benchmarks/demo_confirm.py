@@ -16,7 +16,7 @@ A confirm table whose sidecar records the same recipe, K and score-matrix proven
 (pass --fresh to recompute). Writes results/demo_confirm.json.
 
     make demo
-    .venv/bin/python benchmarks/demo_confirm.py      # about 10 + 15 minutes on 2 cores
+    .venv/bin/python benchmarks/demo_confirm.py      # about 5 + 10 + 20 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-dir", type=Path, default=Path("demo_out"))
     parser.add_argument("--k", type=int, default=10, help="the largest shortlist, confirmed once")
-    parser.add_argument("--recipes", nargs="+", default=["2:1e-4", "5:5e-5"], help="STEPS:LR of Adam")
+    parser.add_argument("--recipes", nargs="+", default=["1:2e-4", "2:1e-4", "5:5e-5"], help="STEPS:LR of Adam")
     parser.add_argument("--fresh", action="store_true", help="recompute confirm tables even when they match")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "demo_confirm.json")
     args = parser.parse_args(argv)
