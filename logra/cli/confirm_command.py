@@ -32,79 +32,74 @@ from logra.errors import ConfigError
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from logra.cli.inputs import batch_losses, batches, encode, load_model
-    from logra.cli.report_command import _load_matrix, _matrix_meta, _scored_store, _texts
+    from logra.cli.report_command import open_scored
     from logra.cli.tables import write_table
-    from logra.confirm import fine_tune_gains
 
     out = Path(args.out)
     if out.suffix not in (".csv", ".jsonl", ".parquet"):
         raise ConfigError(f"--out {out} must end in .csv, .jsonl or .parquet.")
-    matrix = Path(args.scores)
-    meta_path = Path(str(matrix) + ".json")
-    if not matrix.is_file() or not meta_path.is_file():
-        raise ConfigError(f"{matrix} and {meta_path} must exist; write them with `logra score --matrix {matrix}`.")
-    meta = _matrix_meta(meta_path)
-    store, settings = _scored_store(args, matrix, meta)
-    train_records, query_records = _texts(args, store, settings, meta, meta_path)
-    qids = meta["query_ids"]
-    scores = _load_matrix(matrix, (len(qids), len(store)))
+    matrix, meta, store, settings, train_records, query_records, scores = open_scored(args)
+    qids, ids = meta["query_ids"], store.ids
     shortlists = _shortlists(scores, min(args.top_k, len(store)), matrix)  # (Q, k) column indices
     chosen = sorted({int(c) for c in shortlists.ravel()})
-    ids = store.ids
-
     missing = [ids[c] for c in chosen if ids[c] not in train_records]
     if missing:
         raise ConfigError(
             f"the candidates {missing[:5]} are in the store but not in the training data read from "
             f"{args.data or settings.extra.get('data')}; pass --data with the dataset the store was logged from."
         )
+    start = time.perf_counter()
+    gains, recipe = _gains(args, settings, [train_records[ids[c]] for c in chosen],
+                           [query_records[q] for q in qids], shortlists, chosen)  # fmt: skip
+    seconds = time.perf_counter() - start
+    columns, agree = _table(gains, scores, shortlists, chosen, qids, ids)
+    write_table(out, columns)
+    write_json(
+        Path(str(out) + ".json"),
+        {"provenance": meta["provenance"], "scores": str(matrix), "top_k": int(shortlists.shape[1]),
+         "recipe": recipe, "candidates": len(chosen), "seconds": seconds},
+    )  # fmt: skip
+    print(f"training's first candidate is the score's first for {agree}/{len(qids)} queries")
+    say(f"fine-tuned {len(chosen)} candidates in {seconds:.0f} s; wrote {out}")
+    return 0
+
+
+def _gains(
+    args: argparse.Namespace,
+    settings: Any,
+    docs: list[dict[str, Any]],
+    queries: list[dict[str, Any]],
+    shortlists: np.ndarray,
+    chosen: list[int],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """((Q, C) gains of the `chosen` candidates, NaN outside each query's shortlist; the recipe as run)."""
+    from logra.cli.inputs import batch_losses, batches, encode, load_model
+    from logra.confirm import fine_tune_gains
+
     model, tokenizer, task = load_model(settings)
     trained, untied = _trained(model, args.train_modules)
     label2id = getattr(model.config, "label2id", None)
-    docs = encode([train_records[ids[c]] for c in chosen], tokenizer, task, settings.max_length, label2id)
-    queries = encode([query_records[q] for q in qids], tokenizer, task, settings.max_length, label2id)
+    encoded = [encode(r, tokenizer, task, settings.max_length, label2id) for r in (docs, queries)]
+    weights = sum(p.numel() for p in trained)
     say(
         f"fine-tuning on each of {len(chosen)} candidates ({args.top_k} per query) alone: {args.steps} "
-        f"{args.optimizer} steps at lr {args.lr:g} on {sum(p.numel() for p in trained):,} weights"
+        f"{args.optimizer} steps at lr {args.lr:g} on {weights:,} weights"
         + (f" (untied from the modules sharing them: {', '.join(untied)})" if untied else "")
     )
-    start = time.perf_counter()
     gains = fine_tune_gains(
         model,
-        [batch for _, batch in batches(docs, 1)],
-        [batch for _, batch in batches(queries, 1)],  # one query each: a candidate is measured on its own
+        [batch for _, batch in batches(encoded[0], 1)],
+        [batch for _, batch in batches(encoded[1], 1)],  # one query each: a candidate is measured on its own
         lambda m, b: batch_losses(m, b, task, settings.token_reduction),
         steps=args.steps,
         lr=args.lr,
         optimizer=args.optimizer,
         parameters=trained,
         pairs=[[q for q, shortlist in enumerate(shortlists) if c in shortlist] for c in chosen],
-    ).numpy()  # (Q, C), C in `chosen` order; NaN outside each query's shortlist
-    seconds = time.perf_counter() - start
-    columns, agree = _table(gains, scores, shortlists, chosen, qids, ids)
-    write_table(out, columns)
-    write_json(
-        Path(str(out) + ".json"),
-        {
-            "provenance": meta["provenance"],
-            "scores": str(matrix),
-            "top_k": int(shortlists.shape[1]),
-            "recipe": {
-                "steps": args.steps,
-                "lr": args.lr,
-                "optimizer": args.optimizer,
-                "train_modules": args.train_modules,
-                "untied": untied,
-                "trained_weights": sum(p.numel() for p in trained),
-            },
-            "candidates": len(chosen),
-            "seconds": seconds,
-        },
-    )
-    print(f"training's first candidate is the score's first for {agree}/{len(qids)} queries")
-    say(f"fine-tuned {len(chosen)} candidates in {seconds:.0f} s; wrote {out}")
-    return 0
+    ).numpy()
+    recipe = {"steps": args.steps, "lr": args.lr, "optimizer": args.optimizer, "train_modules": args.train_modules,
+              "untied": untied, "trained_weights": weights}  # fmt: skip
+    return gains, recipe
 
 
 def _shortlists(scores: np.ndarray, k: int, matrix: Path) -> np.ndarray:

@@ -282,15 +282,20 @@ def _add_self_influence(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.set_defaults(func=cmd_self_influence)
 
 
+def _scored_matrix_options(p: argparse.ArgumentParser) -> None:
+    """`report` and `confirm`: where the texts of a `logra score --matrix` come from."""
+    p.add_argument("--store", help="default: the store the scores were computed on")
+    p.add_argument("--data", help="the training texts (default: the dataset the store was logged from)")
+    p.add_argument("--queries", help="default: the query file that was scored")
+
+
 def _add_report(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser(
         "report", help="write the HTML report of a score matrix and print a summary", formatter_class=_Formatter
     )
     p.add_argument("--scores", required=True, help="the .npy written by `logra score --matrix`")
     p.add_argument("--out", required=True, help="the .html file")
-    p.add_argument("--store", help="default: the store the scores were computed on")
-    p.add_argument("--data", help="the training texts (default: the dataset the store was logged from)")
-    p.add_argument("--queries", help="default: the query file that was scored")
+    _scored_matrix_options(p)
     p.add_argument("--top-k", type=positive, default=5, help="helpful and harmful documents per query in the page")
     p.add_argument("--show", type=count, default=3, help="documents per query in the printed summary")
     p.add_argument("--title", default="logra influence report")
@@ -314,9 +319,7 @@ def _add_confirm(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     p.add_argument("--scores", required=True, help="the .npy written by `logra score --matrix`")
     p.add_argument("--out", required=True, help=".csv, .jsonl or .parquet: each query's candidates by gain")
-    p.add_argument("--store", help="default: the store the scores were computed on")
-    p.add_argument("--data", help="the training texts (default: the dataset the store was logged from)")
-    p.add_argument("--queries", help="default: the query file that was scored")
+    _scored_matrix_options(p)
     p.add_argument("--top-k", type=positive, default=5, help="candidates per query: its most helpful documents")
     p.add_argument("--steps", type=positive, default=5, help="optimizer steps on each candidate")
     p.add_argument("--lr", type=positive_float, default=5e-5, help="the fine-tuning's learning rate")

@@ -22,15 +22,8 @@ META_TYPES: dict[str, Any] = {
 def cmd_report(args: argparse.Namespace) -> int:
     from logra.report import build_queries, format_summary, write_report
 
-    matrix = Path(args.scores)
-    meta_path = Path(str(matrix) + ".json")
-    if not matrix.is_file() or not meta_path.is_file():
-        raise ConfigError(f"{matrix} and {meta_path} must exist; write them with `logra score --matrix {matrix}`.")
-    meta = _matrix_meta(meta_path)
-    store, settings = _scored_store(args, matrix, meta)
-    train_records, by_id = _texts(args, store, settings, meta, meta_path)
+    matrix, meta, store, settings, train_records, by_id, scores = open_scored(args)
     qids = meta["query_ids"]
-    scores = _load_matrix(matrix, (len(qids), len(store)))
     built = build_queries(
         np.asarray(scores),
         qids,
@@ -62,6 +55,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(format_summary(built, show=args.show))
     say(f"wrote the HTML report -> {args.out}")
     return 0
+
+
+def open_scored(
+    args: argparse.Namespace,
+) -> tuple[Path, dict[str, Any], Any, Any, dict[Any, Any], dict[Any, Any], np.ndarray]:
+    """What `report` and `confirm` read of `--scores`: (the matrix path, its checked metadata, the
+    store it was scored on, that store's `logra log` settings, the training records by id, the
+    query records by id, the [Q, N] scores)."""
+    matrix = Path(args.scores)
+    meta_path = Path(str(matrix) + ".json")
+    if not matrix.is_file() or not meta_path.is_file():
+        raise ConfigError(f"{matrix} and {meta_path} must exist; write them with `logra score --matrix {matrix}`.")
+    meta = _matrix_meta(meta_path)
+    store, settings = _scored_store(args, matrix, meta)
+    train_records, query_records = _texts(args, store, settings, meta, meta_path)
+    scores = _load_matrix(matrix, (len(meta["query_ids"]), len(store)))
+    return matrix, meta, store, settings, train_records, query_records, scores
 
 
 def _scored_store(args: argparse.Namespace, matrix: Path, meta: dict[str, Any]) -> tuple[Any, Any]:
