@@ -25,6 +25,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
+try:  # datasets binds its log handler to sys.stderr on first use: make that the session's stream,
+    # not one test's capsys stream (closed after that test, later logs print "--- Logging error ---")
+    from datasets.utils import logging as _datasets_logging
+
+    _datasets_logging.get_logger("datasets")
+except ImportError:  # the hf extra is not installed: those tests are skipped
+    pass
+
 
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
